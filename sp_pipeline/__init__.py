@@ -1,0 +1,3 @@
+"""sp-pipeline: durable, fast delivery of Snowplow analytics events."""
+
+__version__ = "0.1.0"

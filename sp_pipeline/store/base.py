@@ -1,0 +1,157 @@
+"""The Store contract: what the writer needs from durable storage.
+
+Only the writer process holds a writable Store (DESIGN invariant 1). Every mutating
+method runs inside the transaction opened by ``begin()`` and becomes durable at
+``commit()``; nothing is visible to other connections before that. Times are float
+seconds since the epoch, passed in (``now``) so tests control the clock.
+
+Tables (SQLite implementation)::
+
+    queue(id INTEGER PRIMARY KEY,     -- insertion order = age order
+          payload BLOB,               -- UTF-8 JSON of one tracker-protocol event
+          size INTEGER,               -- len(payload)
+          enqueued_at REAL,
+          attempts INTEGER,           -- failed deliveries so far
+          next_attempt_at REAL,       -- not leased before this time
+          lease_id INTEGER,           -- 0 when not leased
+          lease_expires_at REAL)
+    dead_letters(id, payload, size, enqueued_at, attempts, reason, last_status, dead_at)
+    producers(producer_id BLOB PRIMARY KEY, last_seq INTEGER, updated_at REAL)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Protocol, Sequence, Tuple
+
+
+@dataclass(frozen=True)
+class QueuedEvent:
+    id: int
+    payload: bytes
+    enqueued_at: float
+    attempts: int
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: int
+    payload: bytes
+    enqueued_at: float
+    attempts: int
+    reason: str
+    last_status: int
+    dead_at: float
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    queued: int  # rows in the queue, leased or not
+    queued_bytes: int
+    leased: int  # rows under an unexpired lease
+    dead_letters: int
+    oldest_enqueued_at: Optional[float]  # None when the queue is empty
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    stored: int
+    dropped: int  # oldest rows moved to dead letters (reason "store_full") to make room
+
+
+class Store(Protocol):
+    def begin(self) -> None:
+        """Open a write transaction (BEGIN IMMEDIATE). Idempotent while one is open."""
+
+    def commit(self) -> None:
+        """Make everything since ``begin()`` durable (per the synchronous setting).
+        A no-op when no transaction is open."""
+
+    def rollback(self) -> None:
+        """Discard everything since ``begin()``."""
+
+    def enqueue(self, payloads: Sequence[bytes], now: float) -> EnqueueResult:
+        """Append events at the young end of the queue, in the given order.
+
+        Caps: when the queue would exceed ``max_events`` or ``max_bytes`` and the policy
+        is ``drop_oldest``, the oldest unleased rows move to dead letters with reason
+        ``store_full`` first; with policy ``block`` the caller is expected to have
+        checked ``has_room()`` and the rows are stored regardless.
+        """
+
+    def has_room(self, events: int, nbytes: int) -> bool:
+        """Whether ``events`` more events totalling ``nbytes`` fit under the caps."""
+
+    def lease(
+        self,
+        lease_id: int,
+        max_events: int,
+        max_bytes: int,
+        now: float,
+        lease_seconds: float,
+    ) -> List[QueuedEvent]:
+        """Lease the oldest eligible events, oldest first.
+
+        Eligible: ``next_attempt_at <= now`` and not under an unexpired lease (an expired
+        lease's rows are eligible again). Stops at ``max_events`` or before the POST
+        size (``batching.post_size``) would exceed ``max_bytes``; always returns at least
+        one event when any is eligible, even if it alone is over ``max_bytes``.
+        Leased rows get ``lease_id`` and ``lease_expires_at = now + lease_seconds``.
+        """
+
+    def ack(self, lease_id: int, ids: Sequence[int]) -> int:
+        """Delete delivered rows. Deletes a row whatever lease holds it now (it was
+        delivered); returns how many rows were deleted."""
+
+    def release(
+        self, lease_id: int, ids: Sequence[int], retry_at: float, now: float
+    ) -> int:
+        """Return rows still held by ``lease_id`` to the queue: ``attempts += 1``,
+        ``next_attempt_at = retry_at``, lease cleared. Rows re-leased to another lease
+        are left alone. Returns the number of rows released."""
+
+    def dead_letter(
+        self,
+        lease_id: int,
+        ids: Sequence[int],
+        reason: str,
+        status: int,
+        now: float,
+    ) -> int:
+        """Move rows held by ``lease_id`` (or unleased, when ``lease_id`` is 0) to the
+        dead-letter table with the reason and last HTTP status (0 for none);
+        ``attempts`` counts this attempt. Returns the number of rows moved."""
+
+    def clear_leases(self) -> int:
+        """Make every leased row eligible now (used at writer start: a new writer owns
+        no leases). Returns the number of rows freed."""
+
+    def stats(self, now: float) -> StoreStats:
+        """Counts for status and metrics. Cheap enough to call a few times a second
+        with a million-row backlog."""
+
+    def producer_seq(self, producer_id: bytes) -> Optional[int]:
+        """The last committed frame seq of a producer, or None if unknown."""
+
+    def set_producer_seq(self, producer_id: bytes, seq: int, now: float) -> None:
+        """Record a producer's last committed frame seq (in the open transaction)."""
+
+    def dead_letters(self, limit: int, offset: int = 0) -> List[DeadLetter]:
+        """Dead letters, oldest first."""
+
+    def requeue_dead_letters(self, ids: Optional[Sequence[int]], now: float) -> int:
+        """Move dead letters (all when ``ids`` is None) back to the young end of the
+        queue with ``attempts = 0``. Returns how many."""
+
+    def purge_dead_letters(self, ids: Optional[Sequence[int]]) -> int:
+        """Delete dead letters (all when ``ids`` is None). Returns how many."""
+
+    def checkpoint(self, truncate: bool = False) -> Tuple[int, int]:
+        """Run a WAL checkpoint (PASSIVE, or TRUNCATE when asked); returns
+        (wal frames, frames checkpointed). Call outside a transaction."""
+
+    def wal_bytes(self) -> int:
+        """Current size of the WAL file in bytes (0 if absent)."""
+
+    def close(self) -> None:
+        """Commit nothing, roll back an open transaction, close the connection."""
