@@ -1,0 +1,348 @@
+"""``Client``: what an application calls. Validate, encode, push over ZeroMQ, confirm.
+
+``track()`` builds the tracker-protocol payload(s), JSON-encodes them, wraps them in one
+EVENTS frame (``wire.py``) and hands it to ZeroMQ without waiting on the network. Each
+frame stays in the client's *pending* table until the writer acknowledges that the
+transaction holding it has committed; ``flush()`` waits for that. The pending table is
+the client's bounded buffer: when it is full (the writer is down or slower than the app),
+``track()`` raises ``BufferFull`` rather than dropping anything silently.
+
+Frames are numbered per producer (a random 16-byte id, new in every process). When the
+writer restarts it may have lost frames that were in transit; it then asks the producer
+to resend from a seq (RESEND), and ``flush()`` also resends frames that stay unconfirmed
+for ``resend_after`` seconds. The writer drops frames it already committed, so a resend
+never stores an event twice.
+
+Thread-safety: one lock guards the socket and the pending table. Fork-safety: a child
+process gets a fresh producer id, socket and empty pending table on first use; frames
+pending in the parent stay the parent's to confirm.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import zmq
+
+from . import wire
+from .errors import BufferFull, ClientClosed, SpPipelineError, ValidationError
+from .events import SelfDescribingJson, Subject
+from .payload import TrackerInfo, build, encode_event
+
+_DRAIN_EVERY = 128  # track() calls between non-blocking reads of writer replies
+
+
+@dataclass
+class ClientStats:
+    """Counters of one client, in this process."""
+
+    tracked_events: int = 0
+    confirmed_events: int = 0
+    buffer_full: int = 0  # track() calls refused because the buffer was full
+    rejected_events: int = 0  # events the writer refused (see ``rejections``)
+    resent_frames: int = 0
+
+
+class EventsRejected(SpPipelineError):
+    """The writer refused some events (reasons in ``rejections``: seq -> reason)."""
+
+    def __init__(self, rejections: Dict[int, str]) -> None:
+        self.rejections = dict(rejections)
+        reasons = sorted(set(rejections.values()))
+        super().__init__(
+            f"the writer rejected {len(rejections)} frame(s): {', '.join(reasons)}"
+        )
+
+
+class _Pending:
+    __slots__ = ("events", "sent_at")
+
+    def __init__(self, events: List[bytes], sent_at: float) -> None:
+        self.events = events
+        self.sent_at = sent_at
+
+
+_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_clients):
+        client._reset_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Client:
+    """Tracks events into an sp-pipeline writer.
+
+    ``endpoint`` is the writer's ingest address (``sp-pipeline start --ingest``), e.g.
+    ``ipc:///run/sp/ingest.sock``. ``max_pending_events`` / ``max_pending_bytes`` bound
+    the events held until the writer confirms them. ``curve_server_key`` (the writer's
+    Z85 public key) with ``curve_public_key`` / ``curve_secret_key`` (this producer's
+    pair) enable CURVE on a tcp:// endpoint.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        namespace: str,
+        app_id: Optional[str] = None,
+        platform: str = "srv",
+        encode_base64: bool = True,
+        subject: Optional[Subject] = None,
+        max_pending_events: int = 100_000,
+        max_pending_bytes: int = 64 << 20,
+        resend_after: float = 2.0,
+        curve_server_key: Optional[str] = None,
+        curve_public_key: Optional[str] = None,
+        curve_secret_key: Optional[str] = None,
+    ) -> None:
+        if not isinstance(endpoint, str) or not endpoint.startswith(("ipc://", "tcp://", "inproc://")):
+            raise ValidationError("endpoint", "must be a ZeroMQ address (ipc://, tcp:// or inproc://)")
+        if subject is not None and not isinstance(subject, Subject):
+            raise ValidationError("subject", "must be a Subject")
+        for name, value in (("max_pending_events", max_pending_events),
+                            ("max_pending_bytes", max_pending_bytes)):
+            if type(value) is not int or value <= 0:
+                raise ValidationError(name, "must be a positive integer")
+        if not resend_after > 0:
+            raise ValidationError("resend_after", "must be a positive number of seconds")
+        curve = (curve_server_key, curve_public_key, curve_secret_key)
+        if any(curve) and not all(curve):
+            raise ValidationError(
+                "curve_server_key", "CURVE needs curve_server_key, curve_public_key and curve_secret_key"
+            )
+        self.endpoint = endpoint
+        self._tracker = TrackerInfo(namespace=namespace, app_id=app_id, platform=platform,
+                                    encode_base64=encode_base64)
+        self._subject = subject
+        self._max_events = max_pending_events
+        self._max_bytes = max_pending_bytes
+        self._resend_after = resend_after
+        self._curve = curve if all(curve) else None
+        self.stats = ClientStats()
+        self._closed = False
+        self._init_process_state()
+        _clients.add(self)
+
+    # ------------------------------------------------------------------ public
+
+    def track(
+        self,
+        event: object,
+        *,
+        subject: Optional[Subject] = None,
+        contexts: Sequence[SelfDescribingJson] = (),
+    ) -> str:
+        """Validate and queue one event; return its ``eid`` (a transaction's ``tr`` eid).
+
+        Never waits on the network. Raises ``ValidationError`` for invalid input,
+        ``BufferFull`` when the bounded buffer is full, ``ClientClosed`` after close().
+        """
+        payloads = build(
+            event,
+            self._tracker,
+            client_subject=self._subject,
+            subject=subject,
+            contexts=contexts,
+            now_ms=int(time.time() * 1000),
+        )
+        data = [encode_event(p) for p in payloads]
+        nbytes = sum(map(len, data))
+        with self._lock:
+            sock = self._socket()
+            self._tracks += 1
+            if self._tracks % _DRAIN_EVERY == 0:
+                self._drain(sock)
+            if (self._pending_events + len(data) > self._max_events
+                    or self._pending_bytes + nbytes > self._max_bytes):
+                self._drain(sock)
+                if (self._pending_events + len(data) > self._max_events
+                        or self._pending_bytes + nbytes > self._max_bytes):
+                    self.stats.buffer_full += 1
+                    raise BufferFull(
+                        f"{self._pending_events} events ({self._pending_bytes} bytes) wait for "
+                        f"the writer at {self.endpoint}; the buffer holds "
+                        f"{self._max_events} events / {self._max_bytes} bytes"
+                    )
+            self._seq += 1
+            seq = self._seq
+            base = next(iter(self._pending), seq)
+            try:
+                sock.send(wire.encode_events(self._producer_id, seq, base, data), zmq.NOBLOCK)
+            except zmq.Again:
+                self._seq -= 1
+                self.stats.buffer_full += 1
+                raise BufferFull(f"ZeroMQ send queue to {self.endpoint} is full") from None
+            self._pending[seq] = _Pending(data, time.monotonic())
+            self._pending_events += len(data)
+            self._pending_bytes += nbytes
+            self.stats.tracked_events += len(data)
+        return payloads[0]["eid"]
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Return once the writer has confirmed every event tracked so far by this
+        client (in this process) as committed.
+
+        Raises ``FlushTimeout`` when ``timeout`` seconds pass first, and
+        ``EventsRejected`` if the writer refused some frames since the last flush.
+        """
+        from .errors import FlushTimeout
+
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            target = self._seq
+        while True:
+            with self._lock:
+                sock = self._socket()
+                self._drain(sock)
+                if self._rejections:
+                    rejections, self._rejections = self._rejections, {}
+                    raise EventsRejected(rejections)
+                first = next(iter(self._pending), None)
+                if first is None or first > target:
+                    return
+                now = time.monotonic()
+                if now - self._last_progress >= self._resend_after:
+                    self._resend(sock, first, target)
+                remaining = deadline - now
+                if remaining <= 0:
+                    waiting = sum(len(p.events) for s, p in self._pending.items() if s <= target)
+                    raise FlushTimeout(waiting, timeout)
+                # Poll in short slices so other threads can track() meanwhile.
+                sock.poll(max(1, int(min(remaining, 0.005) * 1000)), zmq.POLLIN)
+
+    @property
+    def pending_events(self) -> int:
+        """Events tracked by this process and not yet confirmed by the writer."""
+        return self._pending_events
+
+    def close(self, timeout: Optional[float] = 5.0) -> None:
+        """Flush (unless ``timeout`` is None), then close the socket. Idempotent.
+
+        Raises FlushTimeout after closing if the writer did not confirm everything.
+        """
+        if self._closed:
+            return
+        try:
+            if timeout is not None and self._pending_events and os.getpid() == self._pid:
+                self.flush(timeout)
+        finally:
+            with self._lock:
+                self._closed = True
+                if self._sock is not None and os.getpid() == self._pid:
+                    self._sock.close(linger=0)
+                self._sock = None
+            _clients.discard(self)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(timeout=5.0 if exc_type is None else None)
+
+    # ------------------------------------------------------------------ internals
+
+    def _init_process_state(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._sock: Optional[zmq.Socket] = None
+        self._producer_id = os.urandom(wire.PRODUCER_ID_BYTES)
+        self._seq = 0
+        self._pending: Dict[int, _Pending] = {}
+        self._pending_events = 0
+        self._pending_bytes = 0
+        self._rejections: Dict[int, str] = {}
+        self._tracks = 0
+        self._last_progress = time.monotonic()
+
+    def _reset_after_fork(self) -> None:
+        # The parent's socket and context must not be touched in the child; drop them.
+        self._init_process_state()
+
+    def _socket(self) -> zmq.Socket:
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        if self._sock is None:
+            ctx = zmq.Context.instance()
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.setsockopt(zmq.SNDHWM, max(1000, self._max_events))
+            sock.setsockopt(zmq.RCVHWM, 0)
+            if self._curve:
+                server, public, secret = self._curve
+                sock.curve_serverkey = server.encode()
+                sock.curve_publickey = public.encode()
+                sock.curve_secretkey = secret.encode()
+            sock.connect(self.endpoint)
+            self._sock = sock
+        return self._sock
+
+    def _drain(self, sock: zmq.Socket) -> None:
+        """Handle every writer reply already received, without blocking."""
+        while True:
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply = wire.decode_producer_reply(frame)
+            except SpPipelineError:
+                continue  # not from a writer we understand; nothing to confirm
+            self._handle(sock, reply)
+
+    def _handle(self, sock: zmq.Socket, reply: list) -> None:
+        op = reply[0]
+        if op == wire.OP_ACK and len(reply) == 2:
+            for first, last in reply[1]:
+                self._confirm(range(first, last + 1))
+        elif op == wire.OP_RESEND and len(reply) == 2:
+            self._resend(sock, reply[1], self._seq)
+        elif op == wire.OP_REJECT and len(reply) == 3:
+            seq, reason = reply[1], reply[2]
+            entry = self._pending.get(seq)
+            if entry is not None:
+                self._rejections[seq] = str(reason)
+                self.stats.rejected_events += len(entry.events)
+                self._confirm((seq,), confirmed=False)
+
+    def _confirm(self, seqs, confirmed: bool = True) -> None:
+        pending = self._pending
+        for seq in seqs:
+            entry = pending.pop(seq, None)
+            if entry is None:
+                continue
+            n = len(entry.events)
+            self._pending_events -= n
+            self._pending_bytes -= sum(map(len, entry.events))
+            if confirmed:
+                self.stats.confirmed_events += n
+            self._last_progress = time.monotonic()
+
+    def _resend(self, sock: zmq.Socket, from_seq: int, to_seq: int) -> None:
+        """Send pending frames from ``from_seq`` to ``to_seq`` again, in order, each
+        carrying the current base so a restarted writer knows where we stand."""
+        base = next(iter(self._pending), None)
+        if base is None:
+            return
+        now = time.monotonic()
+        for seq, entry in list(self._pending.items()):
+            if seq < from_seq or seq > to_seq:
+                continue
+            try:
+                sock.send(wire.encode_events(self._producer_id, seq, base, entry.events), zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            entry.sent_at = now
+            self.stats.resent_frames += 1
+        self._last_progress = now
+
+
+__all__ = ["Client", "ClientStats", "EventsRejected"]

@@ -1,0 +1,489 @@
+"""The writer role: the one process that writes the store.
+
+It binds two ROUTER sockets: *ingest* (producers' EVENTS frames) and *lease* (senders'
+LEASE / ACK / RELEASE / DEAD / STATS requests, see ``wire.py``). Everything it reads goes
+into one open transaction; the transaction commits when it holds ``commit_max_events``
+events or is ``commit_interval_ms`` old (at once when it holds no producer events), and
+only then are producers acknowledged and senders answered (DESIGN invariant 2).
+
+A LEASE that finds nothing eligible is parked up to its ``wait_ms`` and answered as soon
+as events arrive, so idle senders wait in the writer instead of polling it.
+
+With ``when_full=block`` the writer stops reading the ingest socket while the store is at
+its cap: frames wait in ZeroMQ queues and producers' bounded buffers push back.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Deque, Dict, List, Optional, Tuple
+
+import zmq
+
+from . import exitcodes, wire
+from .config import Settings
+from .errors import FrameError, StoreError, StoreFull
+from .ingest import DUPLICATE, EARLY, NEXT, Sequencer, merge_ranges
+from .logs import RateLimited
+from .payload import check_event_json
+from .store.base import Store
+
+log = logging.getLogger("sp_pipeline.writer")
+
+_READ_BUDGET = 2000  # messages read per loop pass, so neither socket starves the other
+_HOUSEKEEPING_SECONDS = 1.0
+_PARKED_RECHECK_SECONDS = 0.1
+_MAX_FRAME_EVENTS = 10_000
+
+
+@dataclass
+class _Parked:
+    routing_id: bytes
+    req_id: int
+    max_events: int
+    max_bytes: int
+    deadline: float
+
+
+class Writer:
+    def __init__(self, settings: Settings, store: Store, ctx: zmq.Context,
+                 clock=time.time) -> None:
+        self.s = settings
+        self.store = store
+        self.clock = clock
+        self.ctx = ctx
+        self.sequencer = Sequencer(lookup=store.producer_seq)
+        self.bad = RateLimited(log)
+        self.stopping = False
+        self._metrics = _Metrics()
+        self._next_lease_id = int(clock() * 1000) & 0x7FFFFFFF
+        # Open-transaction state.
+        self._txn_started: Optional[float] = None
+        self._txn_events = 0
+        self._txn_producers: Dict[bytes, int] = {}  # producer -> expected when first touched
+        self._acks: Dict[bytes, List[int]] = collections.defaultdict(list)
+        self._replies: List[Tuple[bytes, bytes]] = []  # (routing id, frame) on lease socket
+        self._producer_replies: List[Tuple[bytes, bytes]] = []
+        self._parked: Deque[_Parked] = collections.deque()
+        self._last_parked_check = 0.0
+        self._last_housekeeping = 0.0
+        self._max_frame = settings.max_event_bytes * 4 + (1 << 20)
+        self.totals = collections.Counter()
+        self._history: Deque[Tuple[float, int, int]] = collections.deque(maxlen=61)
+
+    # ------------------------------------------------------------------ sockets
+
+    def bind(self) -> None:
+        self.ingest = self.ctx.socket(zmq.ROUTER)
+        self.ingest.setsockopt(zmq.LINGER, 0)
+        self.ingest.setsockopt(zmq.MAXMSGSIZE, self._max_frame)
+        self.ingest.setsockopt(zmq.RCVHWM, 10_000)
+        self.ingest.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if self.s.ingest_curve_secret_key:
+            _enable_curve_server(self.ingest, self.s.ingest_curve_secret_key)
+        self.ingest.bind(self.s.ingest_endpoint)
+        self.lease = self.ctx.socket(zmq.ROUTER)
+        self.lease.setsockopt(zmq.LINGER, 0)
+        self.lease.bind(self.s.lease_endpoint)
+        self.poller = zmq.Poller()
+        self.poller.register(self.lease, zmq.POLLIN)
+        self.poller.register(self.ingest, zmq.POLLIN)
+        self._ingest_registered = True
+
+    def close(self) -> None:
+        for sock in (self.ingest, self.lease):
+            sock.close(linger=0)
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> int:
+        freed = self.store.clear_leases()
+        if freed:
+            log.info("freed %d events leased before the last stop", freed)
+        self._housekeeping(self.clock())
+        drain_until: Optional[float] = None
+        idle_since: Optional[float] = None
+        while True:
+            now = self.clock()
+            if self.stopping and drain_until is None:
+                drain_until = now + min(2.0, self.s.drain_timeout / 2)
+                log.info("stopping: committing what producers already sent")
+            self._set_ingest_polling(self._has_room())
+            got = self._poll_and_read(self._poll_timeout(now))
+            now = self.clock()
+            if self._txn_started is not None and self._should_commit(now, got):
+                self._commit(now)
+            if self._parked and (got or now - self._last_parked_check >= _PARKED_RECHECK_SECONDS):
+                self._serve_parked(now)
+            if now - self._last_housekeeping >= _HOUSEKEEPING_SECONDS:
+                self._housekeeping(now)
+            if drain_until is not None:
+                idle_since = None if got else (idle_since or now)
+                if now >= drain_until or (idle_since is not None and now - idle_since > 0.1):
+                    if self._txn_started is not None:
+                        self._commit(now)
+                    self._answer_parked_empty(now, everything=True)
+                    self._housekeeping(now)
+                    return exitcodes.OK
+
+    def _poll_timeout(self, now: float) -> int:
+        timeout = 200.0
+        if self._txn_started is not None:
+            timeout = max(0.0, self.s.commit_interval_ms - (now - self._txn_started) * 1000)
+        if self._parked:
+            timeout = min(timeout, _PARKED_RECHECK_SECONDS * 1000)
+        if self.stopping:
+            timeout = min(timeout, 20.0)
+        return int(timeout)
+
+    def _poll_and_read(self, timeout_ms: int) -> int:
+        ready = dict(self.poller.poll(timeout_ms))
+        got = 0
+        if self.lease in ready:
+            got += self._read(self.lease, self._on_lease_request)
+        if self.ingest in ready and self._ingest_registered:
+            got += self._read(self.ingest, self._on_events, check_room=True)
+        return got
+
+    def _read(self, sock: zmq.Socket, handle, check_room: bool = False) -> int:
+        n = 0
+        while n < _READ_BUDGET:
+            if check_room and not self._has_room():
+                break
+            try:
+                routing_id, frame = sock.recv_multipart(zmq.NOBLOCK, copy=True)[:2]
+            except zmq.Again:
+                break
+            except ValueError:
+                continue  # fewer than two parts: nothing to answer
+            n += 1
+            handle(routing_id, frame)
+            if self._txn_events >= self.s.commit_max_events:
+                break
+        return n
+
+    def _should_commit(self, now: float, got: int) -> bool:
+        if self._txn_events >= self.s.commit_max_events:
+            return True
+        if self._txn_events == 0:
+            return True  # only lease work: answer senders at once
+        return (now - self._txn_started) * 1000 >= self.s.commit_interval_ms
+
+    def _set_ingest_polling(self, on: bool) -> None:
+        if on != self._ingest_registered:
+            if on:
+                self.poller.register(self.ingest, zmq.POLLIN)
+            else:
+                self.poller.unregister(self.ingest)
+                log.warning("store is full (%s): not reading producers until senders free room",
+                            self.s.when_full)
+            self._ingest_registered = on
+            self._metrics.full(not on)
+
+    def _has_room(self) -> bool:
+        return self.s.when_full != "block" or self.store.has_room(1, 1)
+
+    # ------------------------------------------------------------------ transactions
+
+    def _begin(self) -> None:
+        if self._txn_started is None:
+            self.store.begin()
+            self._txn_started = self.clock()
+
+    def _commit(self, now: float) -> None:
+        for pid in self._txn_producers:
+            self.store.set_producer_seq(pid, self.sequencer.last_consumed(pid), now)
+        started = time.perf_counter()
+        try:
+            self.store.commit()
+        except StoreFull as exc:
+            self._abort(f"store full, transaction rolled back: {exc}")
+            return
+        except StoreError as exc:
+            self._abort(f"commit failed, transaction rolled back: {exc}")
+            return
+        self._metrics.commit(time.perf_counter() - started, self._txn_events)
+        for routing_id, seqs in self._acks.items():
+            self._producer_replies.append((routing_id, wire.encode_ack(merge_ranges(seqs))))
+        self._send_replies()
+        self._reset_txn()
+        self._maybe_checkpoint()
+
+    def _abort(self, why: str) -> None:
+        """Roll back; producers get no ack (they resend), senders' ops are dropped (their
+        leases expire). Requests parked or answered from this transaction are voided."""
+        log.error(why)
+        try:
+            self.store.rollback()
+        except StoreError:
+            pass
+        self.sequencer.rollback(self._txn_producers)
+        self._replies.clear()
+        self._producer_replies.clear()
+        self._reset_txn()
+
+    def _reset_txn(self) -> None:
+        self._txn_started = None
+        self._txn_events = 0
+        self._txn_producers = {}
+        self._acks = collections.defaultdict(list)
+
+    def _send_replies(self) -> None:
+        for sock, queue in ((self.lease, self._replies), (self.ingest, self._producer_replies)):
+            for routing_id, frame in queue:
+                try:
+                    sock.send_multipart((routing_id, frame), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # peer gone: it will resend or its lease expires
+            queue.clear()
+
+    # ------------------------------------------------------------------ producers
+
+    def _on_events(self, routing_id: bytes, frame: bytes) -> None:
+        try:
+            f = wire.decode_events(frame, max_frame_bytes=self._max_frame,
+                                   max_events=_MAX_FRAME_EVENTS)
+        except FrameError as exc:
+            self._reject_frame(None, routing_id, exc.reason, str(exc))
+            return
+        now = self.clock()
+        if f.producer_id not in self._txn_producers:
+            known = self.sequencer.producers.get(f.producer_id)
+            before = known.expected if known else None
+        verdict = self.sequencer.classify(f.producer_id, routing_id, f.seq, f.base, now)
+        if verdict == DUPLICATE:
+            self._begin()
+            self._acks[routing_id].append(f.seq)
+            self._metrics.frames("duplicate", len(f.events))
+            return
+        if verdict == EARLY:
+            from_seq = self.sequencer.should_ask_resend(f.producer_id, now)
+            if from_seq is not None:
+                self._producer_replies.append((routing_id, wire.encode_resend(from_seq)))
+                if self._txn_started is None:
+                    self._send_replies()
+            self._metrics.frames("out_of_order", len(f.events))
+            return
+        assert verdict == NEXT
+        self._begin()
+        if f.producer_id not in self._txn_producers:
+            self._txn_producers[f.producer_id] = before if before is not None else f.seq
+        try:
+            for ev in f.events:
+                check_event_json(ev, self.s.max_event_bytes)
+        except FrameError as exc:
+            self._reject_frame(f.seq, routing_id, exc.reason, str(exc), len(f.events))
+            return
+        result = self.store.enqueue(f.events, now)
+        self._txn_events += len(f.events)
+        self._acks[routing_id].append(f.seq)
+        self._metrics.frames("accepted", len(f.events), dropped=result.dropped)
+        self.totals["ingested"] += len(f.events)
+
+    def _reject_frame(self, seq: Optional[int], routing_id: bytes, reason: str, detail: str,
+                      events: int = 0) -> None:
+        self._metrics.frames("rejected_" + reason, events)
+        self.bad.warning("reject:" + reason, "rejected a producer frame: %s", detail)
+        if seq is not None:
+            self._producer_replies.append((routing_id, wire.encode_reject(seq, reason)))
+
+    # ------------------------------------------------------------------ senders
+
+    def _on_lease_request(self, routing_id: bytes, frame: bytes) -> None:
+        try:
+            req = wire.decode_request(frame)
+        except FrameError as exc:
+            self.bad.warning("lease:" + exc.reason, "bad lease request: %s", exc)
+            return
+        op, req_id, args = req[0], req[1], req[2:]
+        now = self.clock()
+        if op == wire.OP_STATS:
+            self._reply_now(routing_id, wire.encode_reply(wire.OP_STATS_REPLY, req_id,
+                                                          self.stats(now)))
+            return
+        self._begin()
+        if op == wire.OP_LEASE:
+            max_events, max_bytes, wait_ms = args
+            if not self._lease(routing_id, req_id, max_events, max_bytes, now) and wait_ms:
+                self._parked.append(_Parked(routing_id, req_id, max_events, max_bytes,
+                                            now + wait_ms / 1000))
+            return
+        lease_id, ids = args[0], args[1]
+        if op == wire.OP_LEASE_ACK:
+            n = self.store.ack(lease_id, ids)
+            self.totals["delivered"] += n
+        elif op == wire.OP_RELEASE:
+            retry_at_ms, _status = args[2], args[3]
+            n = self.store.release(lease_id, ids, retry_at_ms / 1000, now)
+        else:
+            reason, status = str(args[2]), int(args[3]) if type(args[3]) is int else 0
+            n = self.store.dead_letter(lease_id, ids, reason, status, now)
+            self._metrics.dead(reason, n)
+        self._replies.append((routing_id, wire.encode_reply(wire.OP_DONE, req_id, n)))
+
+    def _lease(self, routing_id: bytes, req_id: int, max_events: int, max_bytes: int,
+               now: float) -> bool:
+        lease_id = self._next_lease_id
+        self._next_lease_id = (self._next_lease_id + 1) & 0x7FFFFFFF or 1
+        rows = self.store.lease(lease_id, max(1, min(max_events, 10_000)), max(1, max_bytes),
+                                now, self.s.lease_seconds)
+        if not rows:
+            return False
+        batch = [[r.id, r.payload, int(r.enqueued_at * 1000), r.attempts] for r in rows]
+        self._replies.append((routing_id, wire.encode_reply(wire.OP_BATCH, req_id, lease_id, batch)))
+        self._metrics.lease(len(rows))
+        return True
+
+    def _serve_parked(self, now: float) -> None:
+        self._last_parked_check = now
+        still: Deque[_Parked] = collections.deque()
+        while self._parked:
+            p = self._parked.popleft()
+            self._begin()
+            if not self._lease(p.routing_id, p.req_id, p.max_events, p.max_bytes, now):
+                if now >= p.deadline:
+                    self._replies.append((p.routing_id, _empty_batch(p.req_id)))
+                else:
+                    still.append(p)
+        self._parked = still
+        if self._txn_started is not None and self._txn_events == 0:
+            self._commit(now)
+
+    def _answer_parked_empty(self, now: float, everything: bool = False) -> None:
+        for p in self._parked:
+            if everything or now >= p.deadline:
+                self._reply_now(p.routing_id, _empty_batch(p.req_id))
+        self._parked.clear()
+
+    def _reply_now(self, routing_id: bytes, frame: bytes) -> None:
+        try:
+            self.lease.send_multipart((routing_id, frame), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def stats(self, now: float) -> Dict[str, float]:
+        st = self.store.stats(now)
+        rates = self._rates()
+        return {
+            "queued": st.queued,
+            "queued_bytes": st.queued_bytes,
+            "leased": st.leased,
+            "dead_letters": st.dead_letters,
+            "oldest_age_seconds": (now - st.oldest_enqueued_at) if st.oldest_enqueued_at else 0.0,
+            "ingested_total": self.totals["ingested"],
+            "delivered_total": self.totals["delivered"],
+            "ingest_rate_per_s": rates[0],
+            "delivery_rate_per_s": rates[1],
+            "pid": os.getpid(),
+        }
+
+    def _rates(self) -> Tuple[float, float]:
+        if len(self._history) < 2:
+            return 0.0, 0.0
+        t0, i0, d0 = self._history[0]
+        t1, i1, d1 = self._history[-1]
+        span = max(t1 - t0, 1e-9)
+        return (i1 - i0) / span, (d1 - d0) / span
+
+    def _housekeeping(self, now: float) -> None:
+        self._last_housekeeping = now
+        self._history.append((now, self.totals["ingested"], self.totals["delivered"]))
+        self._metrics.store_stats(self.store.stats(now), now, self.store.wal_bytes())
+        self.sequencer.forget_idle(now)
+
+    def _maybe_checkpoint(self) -> None:
+        wal = self.store.wal_bytes()
+        if wal > self.s.wal_max_bytes // 4:
+            self.store.checkpoint(truncate=wal > self.s.wal_max_bytes // 2)
+
+
+def _empty_batch(req_id: int) -> bytes:
+    return wire.encode_reply(wire.OP_BATCH, req_id, 0, [])
+
+
+def _enable_curve_server(sock: zmq.Socket, secret_key: str) -> None:
+    sock.curve_server = True
+    sock.curve_secretkey = secret_key.encode()
+
+
+class _Metrics:
+    """The writer's metric updates, kept out of the loop's way."""
+
+    def __init__(self) -> None:
+        from . import metrics as m
+        self.m = m
+
+    def frames(self, outcome: str, events: int, dropped: int = 0) -> None:
+        self.m.INGEST_FRAMES.labels(outcome).inc()
+        if events:
+            self.m.INGEST_EVENTS.labels("stored" if outcome == "accepted" else outcome).inc(events)
+        if dropped:
+            self.m.INGEST_EVENTS.labels("dropped_oldest").inc(dropped)
+            self.m.STORE_DEAD_LETTERED.labels("store_full").inc(dropped)
+
+    def commit(self, seconds: float, events: int) -> None:
+        self.m.STORE_COMMIT_SECONDS.observe(seconds)
+        if events:
+            self.m.STORE_COMMIT_EVENTS.observe(events)
+
+    def lease(self, n: int) -> None:
+        self.m.LEASES.labels("events").inc()
+
+    def dead(self, reason: str, n: int) -> None:
+        if n:
+            self.m.STORE_DEAD_LETTERED.labels(reason).inc(n)
+
+    def full(self, on: bool) -> None:
+        self.m.STORE_FULL.set(1 if on else 0)
+
+    def store_stats(self, st, now: float, wal: int) -> None:
+        m = self.m
+        m.STORE_QUEUED.set(st.queued)
+        m.STORE_QUEUED_BYTES.set(st.queued_bytes)
+        m.STORE_LEASED.set(st.leased)
+        m.STORE_DEAD.set(st.dead_letters)
+        m.STORE_OLDEST_AGE.set((now - st.oldest_enqueued_at) if st.oldest_enqueued_at else 0)
+        m.STORE_WAL_BYTES.set(wal)
+
+
+def run(settings: Settings) -> int:
+    """Entry point of the writer role. Returns an exit code (``exitcodes``)."""
+    from .store import open_store
+
+    try:
+        store = open_store(settings)
+    except StoreError as exc:
+        log.error("%s", exc)
+        return exitcodes.STORE_ERROR
+    ctx = zmq.Context()
+    writer = Writer(settings, store, ctx)
+    try:
+        writer.bind()
+    except zmq.ZMQError as exc:
+        log.error("cannot bind %s or %s: %s", settings.ingest_endpoint, settings.lease_endpoint, exc)
+        store.close()
+        ctx.term()
+        return exitcodes.BOOT_ERROR
+
+    def on_signal(signum, frame):  # record only; the loop acts
+        writer.stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("writer ready: ingest %s, store %s", settings.ingest_endpoint, settings.store)
+    try:
+        return writer.run()
+    except StoreError as exc:
+        log.error("store failed: %s", exc)
+        return exitcodes.STORE_ERROR
+    finally:
+        writer.close()
+        store.close()
+        ctx.term()
