@@ -232,10 +232,11 @@ def row(i: int, attempts: int = 0, age: float = 0.0) -> QueuedEvent:
 
 def test_batch_split_by_per_row_budget():
     p = RetryPolicy(max_attempts=5, max_age=100.0, jitter=0.0)
-    rows = [row(1), row(2, attempts=4), row(3, age=200.0), row(4, attempts=2), row(5, attempts=4)]
+    rows = [row(1), row(2, attempts=4), row(3, age=200.0), row(4, attempts=2), row(5, attempts=4),
+            row(6, attempts=1)]
     b = p.decide_batch(503, rows, now=NOW, retry_after=None, rng=random.Random(0))
     assert [r.id for r in b.delivered] == []
-    assert [r.id for r in b.retry] == [1, 4]
+    assert [r.id for r in b.retry] == [1, 4, 6]
     # Shared retry_at from the most-tried retried row: attempts 2 -> attempt 3 -> 2 s.
     assert (b.delay, b.retry_at) == (2.0, NOW + 2.0)
     assert [(reason, [r.id for r in rs]) for reason, rs in b.dead] == [
