@@ -262,7 +262,11 @@ def test_get_rejects_a_payload_that_is_not_a_json_object(collector, transport_fo
 # ---------------------------------------------------------------- trouble
 
 def test_read_timeout_gives_no_status_quickly(collector, transport_for):
-    collector.reply = lambda seen: (collector.release.wait(10), (200, {}))[1]
+    def stall(seen: Seen) -> Reply:
+        collector.release.wait(10)  # set at teardown, so the handler thread ends
+        return 200, {}
+
+    collector.reply = stall
     t0 = time.monotonic()
     r = transport_for(read_timeout=0.3).post([event(1)], STM)
     took = time.monotonic() - t0
