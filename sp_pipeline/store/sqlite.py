@@ -1,0 +1,562 @@
+"""The SQLite store: the writer's queue, dead letters and producer seqs in one file.
+
+One process (the writer) opens it for writing; ``ReadOnlyStore`` serves the ``status``
+and ``dead-letters list`` commands through a ``mode=ro`` connection. The table layout
+is drawn in ``migrations.py``.
+
+How ``lease()`` stays fast with a million-row backlog. Eligible means
+``next_attempt_at <= now``: a lease moves ``next_attempt_at`` to the lease's expiry and
+a release to the retry time, so one indexed column answers "eligible?". Rows never
+touched have ``next_attempt_at = 0``. The index ``queue_ready(next_attempt_at, id,
+size)`` then yields, without reading the table, (a) untouched rows in id order (an
+equality range, O(batch)) and (b) touched rows that are eligible again (a range over
+``0 < next_attempt_at <= now``, sorted by id: O(eligible touched rows), which is small
+except just after a long collector outage). The two streams are merged by id, so leased
+and retry-waiting rows at the head of the queue are never scanned one by one.
+
+Counters (queued events and bytes, dead letters) live in memory: read once on open,
+updated by every write, and restored from a snapshot taken at ``begin()`` when the
+transaction rolls back.
+
+Errors: any ``sqlite3.Error`` inside a write rolls the whole open transaction back and
+raises ``StoreFull`` (SQLITE_FULL: disk or ``max_page_count`` reached) or
+``StoreError``; the store stays usable.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import sqlite3
+import urllib.parse
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+from sp_pipeline import batching
+from sp_pipeline.errors import StoreError, StoreFull
+from sp_pipeline.store import migrations
+from sp_pipeline.store.base import DeadLetter, EnqueueResult, QueuedEvent, StoreStats
+
+SQLITE_FULL = 13
+BUSY_TIMEOUT_MS = 5000
+CACHE_KIB = 8192  # page cache per connection; memory stays flat whatever the backlog
+_SYNCHRONOUS = {"normal": 1, "full": 2}
+_WHEN_FULL = ("block", "drop_oldest")
+
+# Id lists are bound in fixed-size IN (...) groups, the last padded by repeating its
+# final id, so each statement text is compiled once and stays in the statement cache.
+_CHUNK = 500
+_IN = "(" + ",".join("?" * _CHUNK) + ")"
+
+_SQL_INSERT = "INSERT INTO queue(size, enqueued_at, payload) VALUES (?, ?, ?)"
+_SQL_FRESH = (
+    "SELECT id, size FROM queue INDEXED BY queue_ready "
+    "WHERE next_attempt_at = 0 ORDER BY id LIMIT ?"
+)
+_SQL_RETRY = (
+    "SELECT id, size FROM queue INDEXED BY queue_ready "
+    "WHERE next_attempt_at > 0 AND next_attempt_at <= ? ORDER BY id LIMIT ?"
+)
+_SQL_LEASE = (
+    "UPDATE queue SET lease_id = ?, lease_expires_at = ?, next_attempt_at = ? "
+    f"WHERE id IN {_IN} RETURNING id, enqueued_at, attempts, payload"
+)
+_SQL_ACK = f"DELETE FROM queue WHERE id IN {_IN} RETURNING size"
+_SQL_RELEASE = (
+    "UPDATE queue SET attempts = attempts + 1, next_attempt_at = ?, lease_id = 0, "
+    f"lease_expires_at = 0 WHERE lease_id = ? AND id IN {_IN}"
+)
+_SQL_COPY_DEAD = (
+    "INSERT INTO dead_letters(size, enqueued_at, attempts, reason, last_status, dead_at, "
+    "payload) SELECT size, enqueued_at, attempts + ?, ?, ?, ?, payload FROM queue "
+    f"WHERE lease_id = ? AND id IN {_IN} ORDER BY id"
+)
+_SQL_DELETE_DEAD = f"DELETE FROM queue WHERE lease_id = ? AND id IN {_IN} RETURNING size"
+_SQL_DROP_CANDIDATES = (
+    "SELECT id, size, lease_id FROM queue "
+    "WHERE lease_id = 0 OR lease_expires_at <= ? ORDER BY id"
+)
+_SQL_EVICT_DEAD = (
+    "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters ORDER BY id LIMIT ?)"
+)
+_SQL_REQUEUE = (
+    "INSERT INTO queue(size, enqueued_at, payload) SELECT size, ?, payload "
+    f"FROM dead_letters WHERE id IN {_IN} ORDER BY id"
+)
+_SQL_DEAD_DELETE = f"DELETE FROM dead_letters WHERE id IN {_IN} RETURNING size"
+_SQL_DEAD_PAGE = (
+    "SELECT id, payload, enqueued_at, attempts, reason, last_status, dead_at "
+    "FROM dead_letters ORDER BY id LIMIT ? OFFSET ?"
+)
+
+
+def _chunks(ids: Sequence[int]) -> Iterator[List[int]]:
+    for start in range(0, len(ids), _CHUNK):
+        part = [int(i) for i in ids[start : start + _CHUNK]]
+        yield part + [part[-1]] * (_CHUNK - len(part))
+
+
+class SQLiteStore:
+    """The ``Store`` protocol on one SQLite file in WAL mode (see ``base.Store``).
+
+    ``synchronous``: "normal" (a commit survives a process crash; the last commits may
+    be lost on power loss) or "full" (survives power loss, slower commits).
+    ``max_events`` / ``max_bytes``: caps on queued events and payload bytes, applied
+    per ``when_full`` ("block": ``has_room()`` turns False; "drop_oldest": ``enqueue``
+    dead-letters the oldest unleased rows with reason ``store_full``).
+    ``max_dead_letters``: the dead-letter table keeps at most this many rows; moving
+    more in deletes the oldest dead letters. ``dead_letters_evicted`` counts those
+    deletions (committed ones, since open) so the writer can export a metric.
+
+    Mutating methods open a transaction when none is open (as ``begin()``); nothing is
+    durable before ``commit()``. Not thread-safe: one thread of one process owns it.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        synchronous: str = "normal",
+        max_events: int = 10_000_000,
+        max_bytes: int = 4 << 30,
+        when_full: str = "block",
+        max_dead_letters: int = 1_000_000,
+    ) -> None:
+        if synchronous not in _SYNCHRONOUS:
+            raise ValueError(f"synchronous: must be one of {sorted(_SYNCHRONOUS)}, not {synchronous!r}")
+        if when_full not in _WHEN_FULL:
+            raise ValueError(f"when_full: must be one of {list(_WHEN_FULL)}, not {when_full!r}")
+        if min(max_events, max_bytes, max_dead_letters) < 1:
+            raise ValueError("max_events, max_bytes and max_dead_letters must be >= 1")
+        self.path = os.path.abspath(path)
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.when_full = when_full
+        self.max_dead_letters = max_dead_letters
+        self.dead_letters_evicted = 0
+        self._conn = _open_writable(self.path, _SYNCHRONOUS[synchronous])
+        self._queued, self._queued_bytes = self._conn.execute(
+            "SELECT count(*), CAST(total(size) AS INTEGER) FROM queue INDEXED BY queue_ready"
+        ).fetchone()
+        (self._dead,) = self._conn.execute("SELECT count(*) FROM dead_letters").fetchone()
+        self._evicting = 0
+        self._saved: Tuple[int, int, int] = (self._queued, self._queued_bytes, self._dead)
+
+    # ------------------------------------------------------------ transactions
+    def begin(self) -> None:
+        if self._conn.in_transaction:
+            return
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _store_error(self.path, "begin", exc) from exc
+        self._saved = (self._queued, self._queued_bytes, self._dead)
+        self._evicting = 0
+
+    def commit(self) -> None:
+        if not self._conn.in_transaction:
+            return
+        try:
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._abort()
+            raise _store_error(self.path, "commit", exc) from exc
+        self.dead_letters_evicted += self._evicting
+        self._evicting = 0
+
+    def rollback(self) -> None:
+        self._abort()
+
+    def _abort(self) -> None:
+        """Roll back whatever is open (SQLite may already have) and restore counters."""
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the transaction is gone either way; counters are restored below
+        self._queued, self._queued_bytes, self._dead = self._saved
+        self._evicting = 0
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[None]:
+        self.begin()
+        try:
+            yield
+        except sqlite3.Error as exc:
+            self._abort()
+            raise _store_error(self.path, what, exc) from exc
+
+    # ------------------------------------------------------------ queue
+    def enqueue(self, payloads: Sequence[bytes], now: float) -> EnqueueResult:
+        if not payloads:
+            return EnqueueResult(stored=0, dropped=0)
+        nbytes = sum(len(p) for p in payloads)
+        with self._write("enqueue"):
+            dropped = 0
+            if self.when_full == "drop_oldest":
+                dropped = self._make_room(len(payloads), nbytes, now)
+            self._conn.executemany(_SQL_INSERT, ((len(p), now, p) for p in payloads))
+            self._queued += len(payloads)
+            self._queued_bytes += nbytes
+        return EnqueueResult(stored=len(payloads), dropped=dropped)
+
+    def has_room(self, events: int, nbytes: int) -> bool:
+        return (
+            self._queued + events <= self.max_events
+            and self._queued_bytes + nbytes <= self.max_bytes
+        )
+
+    def _make_room(self, events: int, nbytes: int, now: float) -> int:
+        """Dead-letter the oldest rows not under an unexpired lease until ``events`` /
+        ``nbytes`` more fit (or no such row is left). Returns rows moved."""
+        excess_events = self._queued + events - self.max_events
+        excess_bytes = self._queued_bytes + nbytes - self.max_bytes
+        if excess_events <= 0 and excess_bytes <= 0:
+            return 0
+        by_lease: dict[int, List[int]] = {}
+        cursor = self._conn.execute(_SQL_DROP_CANDIDATES, (now,))
+        for row_id, size, lease_id in cursor:
+            if excess_events <= 0 and excess_bytes <= 0:
+                break
+            by_lease.setdefault(lease_id, []).append(row_id)
+            excess_events -= 1
+            excess_bytes -= size
+        cursor.close()
+        return sum(
+            self._move_dead(lease_id, ids, "store_full", 0, now, add_attempts=0)
+            for lease_id, ids in by_lease.items()
+        )
+
+    def lease(
+        self,
+        lease_id: int,
+        max_events: int,
+        max_bytes: int,
+        now: float,
+        lease_seconds: float,
+    ) -> List[QueuedEvent]:
+        if lease_id == 0:
+            raise ValueError("lease_id: 0 means 'not leased'; use a non-zero id")
+        if max_events < 1:
+            return []
+        with self._write("lease"):
+            candidates = self._eligible(max_events, now)
+            if not candidates:
+                return []
+            count = batching.take([size for _, size in candidates], max_bytes, max_events)
+            chosen = [row_id for row_id, _ in candidates[:count]]
+            expires = now + lease_seconds
+            rows: List[Tuple[int, float, int, bytes]] = []
+            for part in _chunks(chosen):
+                rows.extend(self._conn.execute(_SQL_LEASE, (lease_id, expires, expires, *part)))
+        rows.sort()
+        return [QueuedEvent(id=r[0], payload=bytes(r[3]), enqueued_at=r[1], attempts=r[2]) for r in rows]
+
+    def _eligible(self, limit: int, now: float) -> List[Tuple[int, int]]:
+        """Up to ``limit`` (id, size) of eligible rows, oldest first: the merge of
+        touched-and-eligible-again rows with never-touched rows."""
+        retry = self._conn.execute(_SQL_RETRY, (now, limit)).fetchall()
+        fresh = self._conn.execute(_SQL_FRESH, (limit,)).fetchall()
+        return list(itertools.islice(heapq.merge(retry, fresh), limit))
+
+    def ack(self, lease_id: int, ids: Sequence[int]) -> int:
+        deleted = 0
+        with self._write("ack"):
+            for part in _chunks(ids):
+                sizes = self._conn.execute(_SQL_ACK, part).fetchall()
+                deleted += len(sizes)
+                self._queued -= len(sizes)
+                self._queued_bytes -= sum(s for (s,) in sizes)
+        return deleted
+
+    def release(self, lease_id: int, ids: Sequence[int], retry_at: float, now: float) -> int:
+        if lease_id == 0:
+            return 0  # rows with lease_id 0 are not held by anyone
+        released = 0
+        with self._write("release"):
+            for part in _chunks(ids):
+                released += self._conn.execute(_SQL_RELEASE, (retry_at, lease_id, *part)).rowcount
+        return released
+
+    def dead_letter(
+        self, lease_id: int, ids: Sequence[int], reason: str, status: int, now: float
+    ) -> int:
+        with self._write("dead_letter"):
+            return self._move_dead(lease_id, ids, reason, status, now, add_attempts=1)
+
+    def _move_dead(
+        self, lease_id: int, ids: Sequence[int], reason: str, status: int, now: float,
+        add_attempts: int,
+    ) -> int:
+        """Move rows held by ``lease_id`` among ``ids`` to dead letters, in id order,
+        then evict the oldest dead letters over the cap. Returns rows moved."""
+        moved = 0
+        for part in _chunks(ids):
+            self._conn.execute(_SQL_COPY_DEAD, (add_attempts, reason, status, now, lease_id, *part))
+            sizes = self._conn.execute(_SQL_DELETE_DEAD, (lease_id, *part)).fetchall()
+            moved += len(sizes)
+            self._queued -= len(sizes)
+            self._queued_bytes -= sum(s for (s,) in sizes)
+        self._dead += moved
+        over = self._dead - self.max_dead_letters
+        if over > 0:
+            self._conn.execute(_SQL_EVICT_DEAD, (over,))
+            self._dead -= over
+            self._evicting += over
+        return moved
+
+    def clear_leases(self) -> int:
+        with self._write("clear_leases"):
+            return self._conn.execute(
+                # next_attempt_at of a leased row is its lease's expiry: 0 frees it now.
+                "UPDATE queue SET lease_id = 0, lease_expires_at = 0, next_attempt_at = 0 "
+                "WHERE lease_id != 0"
+            ).rowcount
+
+    # ------------------------------------------------------------ reads
+    def stats(self, now: float) -> StoreStats:
+        try:
+            return _stats(self._conn, now, self._queued, self._queued_bytes, self._dead)
+        except sqlite3.Error as exc:
+            raise _store_error(self.path, "stats", exc) from exc
+
+    def producer_seq(self, producer_id: bytes) -> Optional[int]:
+        row = self._conn.execute(
+            "SELECT last_seq FROM producers WHERE producer_id = ?", (producer_id,)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def set_producer_seq(self, producer_id: bytes, seq: int, now: float) -> None:
+        with self._write("set_producer_seq"):
+            self._conn.execute(
+                "INSERT INTO producers(producer_id, last_seq, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(producer_id) DO UPDATE SET last_seq = excluded.last_seq, "
+                "updated_at = excluded.updated_at",
+                (producer_id, seq, now),
+            )
+
+    # ------------------------------------------------------------ dead letters
+    def dead_letters(self, limit: int, offset: int = 0) -> List[DeadLetter]:
+        return _dead_letter_page(self._conn, limit, offset)
+
+    def requeue_dead_letters(self, ids: Optional[Sequence[int]], now: float) -> int:
+        """Back to the young end of the queue, attempts 0, ``enqueued_at = now`` (so the
+        sender's age budget starts again). Caps are not applied: an operator asked."""
+        moved = 0
+        with self._write("requeue_dead_letters"):
+            for part in self._dead_letter_ids(ids):
+                self._conn.execute(_SQL_REQUEUE, (now, *part))
+                sizes = self._conn.execute(_SQL_DEAD_DELETE, part).fetchall()
+                moved += len(sizes)
+                self._dead -= len(sizes)
+                self._queued += len(sizes)
+                self._queued_bytes += sum(s for (s,) in sizes)
+        return moved
+
+    def purge_dead_letters(self, ids: Optional[Sequence[int]]) -> int:
+        purged = 0
+        with self._write("purge_dead_letters"):
+            if ids is None:
+                purged = self._conn.execute("DELETE FROM dead_letters").rowcount
+            else:
+                for part in _chunks(ids):
+                    purged += len(self._conn.execute(_SQL_DEAD_DELETE, part).fetchall())
+            self._dead -= purged
+        return purged
+
+    def _dead_letter_ids(self, ids: Optional[Sequence[int]]) -> Iterator[List[int]]:
+        if ids is not None:
+            yield from _chunks(ids)
+            return
+        while True:  # all of them, a chunk at a time: memory stays flat
+            part = [r[0] for r in self._conn.execute(
+                "SELECT id FROM dead_letters ORDER BY id LIMIT ?", (_CHUNK,))]
+            if not part:
+                return
+            yield from _chunks(part)
+
+    # ------------------------------------------------------------ WAL and lifetime
+    def checkpoint(self, truncate: bool = False) -> Tuple[int, int]:
+        if self._conn.in_transaction:
+            raise StoreError(f"store {self.path}: checkpoint() inside a transaction")
+        mode = "TRUNCATE" if truncate else "PASSIVE"
+        try:
+            _busy, frames, done = self._conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        except sqlite3.Error as exc:
+            raise _store_error(self.path, "checkpoint", exc) from exc
+        return max(frames, 0), max(done, 0)
+
+    def wal_bytes(self) -> int:
+        try:
+            return os.stat(self.path + "-wal").st_size
+        except FileNotFoundError:
+            return 0
+
+    def close(self) -> None:
+        if self._conn is None:
+            return
+        self._abort()
+        self._conn.close()
+        self._conn = None  # type: ignore[assignment]
+
+    def __enter__(self) -> "SQLiteStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ReadOnlyStore:
+    """A ``mode=ro`` view of a store for ``status`` and ``dead-letters list``: never
+    creates or writes the database file (SQLite may create the ``-wal``/``-shm``
+    companions it needs to read a WAL database). Safe beside a running writer."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        if not migrations.file_exists(self.path):
+            raise StoreError(f"store {self.path}: no such file")
+        if not migrations.check_header(self.path):
+            raise StoreError(f"store {self.path}: empty file, not initialised by a writer yet")
+        self._conn = _connect_readonly(self.path)
+        try:
+            migrations.inspect(self._conn, self.path)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def stats(self, now: float) -> StoreStats:
+        try:
+            queued, nbytes = self._conn.execute(
+                "SELECT count(*), CAST(total(size) AS INTEGER) FROM queue INDEXED BY queue_ready"
+            ).fetchone()
+            (dead,) = self._conn.execute("SELECT count(*) FROM dead_letters").fetchone()
+            return _stats(self._conn, now, queued, nbytes, dead)
+        except sqlite3.Error as exc:
+            raise _store_error(self.path, "stats", exc) from exc
+
+    def dead_letters(self, limit: int, offset: int = 0) -> List[DeadLetter]:
+        return _dead_letter_page(self._conn, limit, offset)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> "ReadOnlyStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- shared queries
+def _stats(conn: sqlite3.Connection, now: float, queued: int, nbytes: int, dead: int) -> StoreStats:
+    (leased,) = conn.execute(
+        "SELECT count(*) FROM queue INDEXED BY queue_leased "
+        "WHERE lease_id != 0 AND lease_expires_at > ?", (now,)
+    ).fetchone()
+    oldest = conn.execute("SELECT enqueued_at FROM queue ORDER BY id LIMIT 1").fetchone()
+    return StoreStats(
+        queued=queued, queued_bytes=nbytes, leased=leased, dead_letters=dead,
+        oldest_enqueued_at=None if oldest is None else oldest[0],
+    )
+
+
+def _dead_letter_page(conn: sqlite3.Connection, limit: int, offset: int) -> List[DeadLetter]:
+    return [
+        DeadLetter(id=r[0], payload=bytes(r[1]), enqueued_at=r[2], attempts=r[3],
+                   reason=r[4], last_status=r[5], dead_at=r[6])
+        for r in conn.execute(_SQL_DEAD_PAGE, (limit, offset))
+    ]
+
+
+# ---------------------------------------------------------------- opening
+def _store_error(path: str, what: str, exc: sqlite3.Error) -> StoreError:
+    if getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL:
+        return StoreFull(f"store {path}: disk or database full during {what}; rolled back ({exc})")
+    return StoreError(f"store {path}: {what} failed: {exc}")
+
+
+def _connect_readonly(path: str) -> sqlite3.Connection:
+    uri = "file:" + urllib.parse.quote(path) + "?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        conn.execute("PRAGMA schema_version").fetchone()  # forces the file to be read
+    except sqlite3.Error as exc:
+        raise StoreError(f"store {path}: cannot open read-only: {exc}") from exc
+    return conn
+
+
+def _open_writable(path: str, synchronous: int) -> sqlite3.Connection:
+    """Check the file is ours (or create it) before anything is written, then connect,
+    migrate, switch to WAL and verify the pragmas."""
+    if migrations.file_exists(path) and migrations.check_header(path):
+        probe = _connect_readonly(path)
+        try:
+            migrations.inspect(probe, path)
+        finally:
+            probe.close()
+    else:
+        _create_file(path)
+    _check_access(path)
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    except sqlite3.Error as exc:
+        raise StoreError(f"store {path}: cannot open: {exc}") from exc
+    try:
+        _configure(conn, path, synchronous)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _create_file(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return  # an empty file, or one that appeared since: SQLite and inspect() decide
+    except OSError as exc:
+        raise StoreError(f"store {path}: cannot create: {exc.strerror or exc}") from exc
+    os.close(fd)
+
+
+def _check_access(path: str) -> None:
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise StoreError(f"store {path}: cannot open for writing: permission denied")
+    directory = os.path.dirname(path)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise StoreError(
+            f"store {path}: directory {directory} is not writable "
+            "(SQLite needs to create the -wal and -shm files there)"
+        )
+
+
+def _configure(conn: sqlite3.Connection, path: str, synchronous: int) -> None:
+    expected = {
+        "busy_timeout": BUSY_TIMEOUT_MS,
+        "foreign_keys": 0,
+        "cache_size": -CACHE_KIB,
+        "temp_store": 2,  # MEMORY
+        "synchronous": synchronous,
+    }
+    try:
+        for name, value in expected.items():
+            conn.execute(f"PRAGMA {name} = {int(value)}")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            migrations.migrate(conn, path)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        # WAL only now: the first transaction (application_id, schema) went through the
+        # rollback journal, so the file's header says "ours" even after a crash.
+        conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        conn.execute("PRAGMA wal_autocheckpoint = 0").fetchone()  # the writer checkpoints
+    except sqlite3.Error as exc:
+        raise _store_error(path, "open", exc) from exc
+    expected.update(journal_mode="wal", wal_autocheckpoint=0)
+    for name, value in expected.items():
+        (actual,) = conn.execute(f"PRAGMA {name}").fetchone()
+        if actual != value:
+            raise StoreError(f"store {path}: PRAGMA {name} is {actual!r} after setting {value!r}")
