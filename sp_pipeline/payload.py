@@ -45,6 +45,8 @@ from sp_pipeline.events import (
     StructuredEvent,
     Subject,
     Timing,
+    check_contexts,
+    check_subject,
 )
 
 TRACKER_VERSION = f"py-sp-pipeline-{__version__}"
@@ -250,15 +252,14 @@ _EVENT_FIELDS: Dict[type, Callable[[Any, bool], Fields]] = {
 }
 
 
-def _event_fields(event: Event, b64: bool) -> Fields:
+def _fields_maker(event: Any) -> Callable[[Any, bool], Fields]:
     make = _EVENT_FIELDS.get(type(event))
-    if make is None:  # a subclass of one of ours
-        for cls, make in _EVENT_FIELDS.items():
-            if isinstance(event, cls):
-                break
-        else:
-            raise ValidationError("event", f"unsupported event type {type(event).__name__}")
-    return make(event, b64)
+    if make is not None:
+        return make
+    for cls, make in _EVENT_FIELDS.items():  # a subclass of one of ours
+        if isinstance(event, cls):
+            return make
+    raise ValidationError("event", f"must be one of the sp_pipeline.events types, not {type(event).__name__}")
 
 
 # --------------------------------------------------------------------------- build
@@ -276,10 +277,16 @@ def build(
     """The payload(s) for ``event``: the event itself first, then (for a transaction)
     one ``ti`` payload per item sharing its dtm, ttm, subject and contexts.
 
-    ``subject`` and ``contexts`` come from the ``track()`` call and must already be
-    validated (a :class:`Subject`, and see ``events.check_contexts``). ``now_ms`` is the
-    ``dtm`` used when the event carries no ``timestamp``. Does no validation itself.
+    ``subject`` and ``contexts`` come from the ``track()`` call; they get the cheap
+    checks (type, and ``events.check_contexts``), the event was validated when it was
+    constructed. ``now_ms`` is the ``dtm`` used when the event has no ``timestamp``.
+    Raises ValidationError for an unknown event type or a bad subject/contexts.
     """
+    make = _fields_maker(event)
+    check_subject(client_subject, "client_subject")
+    check_subject(subject)
+    if contexts:
+        contexts = check_contexts(contexts)
     b64 = tracker.encode_base64
     common = dict(tracker.static_fields)
     common["dtm"] = str(now_ms) if event.timestamp is None else str(int(event.timestamp))
@@ -288,17 +295,17 @@ def build(
     for sub in (client_subject, subject, event.subject):
         if sub is not None:
             common.update(sub.protocol_fields)
-    entities = event.contexts + tuple(contexts) if contexts else event.contexts
+    entities = event.contexts + contexts if contexts else event.contexts
     if entities:
         text = _CONTEXTS_HEAD + ",".join([c.json_text for c in entities]) + "]}"
         if b64:
             common["cx"] = _b64(text)
         else:
             common["co"] = text
-    main = _event_fields(event, b64)
+    main = make(event, b64)
     main.update(common)
     main["eid"] = event.event_id or new_event_id()
-    if type(event) is not EcommerceTransaction or not event.items:
+    if not isinstance(event, EcommerceTransaction) or not event.items:
         return [main]
     payloads = [main]
     for item in event.items:
