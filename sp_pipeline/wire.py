@@ -72,7 +72,6 @@ def _unpack(frame: bytes, max_bytes: int) -> list:
             raw=False,
             use_list=True,
             strict_map_key=True,
-            max_buffer_size=max_bytes,
         )
     except Exception as exc:  # msgpack raises several unrelated types
         raise FrameError("decode", f"not a msgpack value ({type(exc).__name__})") from None
