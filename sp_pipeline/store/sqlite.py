@@ -476,8 +476,8 @@ def _store_error(path: str, what: str, exc: sqlite3.Error) -> StoreError:
     return StoreError(f"store {path}: {what} failed: {exc}")
 
 
-def _connect_readonly(path: str) -> sqlite3.Connection:
-    uri = "file:" + urllib.parse.quote(path) + "?mode=ro"
+def _connect_readonly(path: str, immutable: bool = False) -> sqlite3.Connection:
+    uri = "file:" + urllib.parse.quote(path) + "?mode=ro" + ("&immutable=1" if immutable else "")
     try:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
         conn.execute("PRAGMA schema_version").fetchone()  # forces the file to be read
@@ -490,7 +490,9 @@ def _open_writable(path: str, synchronous: int) -> sqlite3.Connection:
     """Check the file is ours (or create it) before anything is written, then connect,
     migrate, switch to WAL and verify the pragmas."""
     if migrations.file_exists(path) and migrations.check_header(path):
-        probe = _connect_readonly(path)
+        # Without a -wal file the main file holds everything, and an immutable read
+        # creates no -wal/-shm beside a file we may be about to refuse.
+        probe = _connect_readonly(path, immutable=not os.path.exists(path + "-wal"))
         try:
             migrations.inspect(probe, path)
         finally:
