@@ -31,12 +31,14 @@ import os
 import sqlite3
 import urllib.parse
 from contextlib import contextmanager
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from sp_pipeline import batching
 from sp_pipeline.errors import StoreError, StoreFull
 from sp_pipeline.store import migrations
 from sp_pipeline.store.base import DeadLetter, EnqueueResult, QueuedEvent, StoreStats
+
+_T = TypeVar("_T")
 
 SQLITE_FULL = 13
 BUSY_TIMEOUT_MS = 5000
@@ -408,9 +410,14 @@ class SQLiteStore:
 
 
 class ReadOnlyStore:
-    """A ``mode=ro`` view of a store for ``status`` and ``dead-letters list``: never
-    creates or writes the database file (SQLite may create the ``-wal``/``-shm``
-    companions it needs to read a WAL database). Safe beside a running writer."""
+    """A read-only view of a store for ``status`` and ``dead-letters list``; it never
+    creates or writes the database file and is safe beside a running writer.
+
+    Each call uses a fresh ``mode=ro`` connection. When no ``-wal`` file exists (no
+    writer has the file open) the read is ``immutable`` so that no ``-wal``/``-shm``
+    files are left behind; if a ``-wal`` appeared meanwhile, the read is repeated
+    through the WAL.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
@@ -418,28 +425,37 @@ class ReadOnlyStore:
             raise StoreError(f"store {self.path}: no such file")
         if not migrations.check_header(self.path):
             raise StoreError(f"store {self.path}: empty file, not initialised by a writer yet")
-        self._conn = _connect_readonly(self.path)
-        try:
-            migrations.inspect(self._conn, self.path)
-        except BaseException:
-            self._conn.close()
-            raise
+        self._read(lambda conn: migrations.inspect(conn, self.path))
+
+    def _read(self, query: Callable[[sqlite3.Connection], _T]) -> _T:
+        for _ in range(2):
+            immutable = not os.path.exists(self.path + "-wal")
+            conn = _connect_readonly(self.path, immutable=immutable)
+            try:
+                result = query(conn)
+            except sqlite3.Error as exc:
+                raise _store_error(self.path, "read", exc) from exc
+            finally:
+                conn.close()
+            if not immutable or not os.path.exists(self.path + "-wal"):
+                return result
+        return result
 
     def stats(self, now: float) -> StoreStats:
-        try:
-            queued, nbytes = self._conn.execute(
+        def query(conn: sqlite3.Connection) -> StoreStats:
+            queued, nbytes = conn.execute(
                 "SELECT count(*), CAST(total(size) AS INTEGER) FROM queue INDEXED BY queue_ready"
             ).fetchone()
-            (dead,) = self._conn.execute("SELECT count(*) FROM dead_letters").fetchone()
-            return _stats(self._conn, now, queued, nbytes, dead)
-        except sqlite3.Error as exc:
-            raise _store_error(self.path, "stats", exc) from exc
+            (dead,) = conn.execute("SELECT count(*) FROM dead_letters").fetchone()
+            return _stats(conn, now, queued, nbytes, dead)
+
+        return self._read(query)
 
     def dead_letters(self, limit: int, offset: int = 0) -> List[DeadLetter]:
-        return _dead_letter_page(self._conn, limit, offset)
+        return self._read(lambda conn: _dead_letter_page(conn, limit, offset))
 
     def close(self) -> None:
-        self._conn.close()
+        """Nothing to release: every call closes its own connection."""
 
     def __enter__(self) -> "ReadOnlyStore":
         return self
