@@ -155,8 +155,9 @@ class Arbiter:
 
         changed = False
         for child in self.children:
-            pid = child.pid
+            pid, before = child.pid, child.state
             code = child.poll()
+            changed = changed or child.state is not before
             if code is not None:
                 changed = True
                 _mark_dead(pid)
@@ -173,8 +174,6 @@ class Arbiter:
                 log.info("restarted %s as pid %s (restart %d)", child.name, child.pid,
                          child.restarts)
                 changed = True
-            elif child.state is State.STARTING and child.running():
-                changed = changed or False
         if changed:
             self._write_state()
         return False
