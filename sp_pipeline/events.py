@@ -67,8 +67,9 @@ def _utf8(name: str, text: str) -> None:
             ) from None
 
 
-def _text(name: str, value: Any, *, required: bool = False) -> None:
-    """Check a text field; ``None`` and ``""`` are allowed only when not required."""
+def check_text(name: str, value: Any, *, required: bool = False) -> None:
+    """Raise ValidationError(name, ...) unless ``value`` is a str encodable as UTF-8;
+    ``None`` and ``""`` are allowed only when not ``required``."""
     if value is None:
         if required:
             raise ValidationError(name, "is required")
@@ -108,7 +109,7 @@ def _timestamp(name: str, value: Any) -> None:
 
 
 def _iglu(name: str, value: Any) -> None:
-    _text(name, value, required=True)
+    check_text(name, value, required=True)
     if not IGLU_URI.fullmatch(value):
         raise ValidationError(
             name, "must be an Iglu URI like iglu:com.acme/name/jsonschema/1-0-0"
@@ -255,7 +256,7 @@ class Subject:
 
     def __post_init__(self) -> None:
         for name in _SUBJECT_TEXT:
-            _text(name, getattr(self, name))
+            check_text(name, getattr(self, name))
         for name in ("session_index", "color_depth"):
             if getattr(self, name) is not None:
                 _integer(name, getattr(self, name), minimum=1)
@@ -290,7 +291,7 @@ class Event:
 
     def __post_init__(self) -> None:
         if self.event_id is not None:
-            _text("event_id", self.event_id, required=True)
+            check_text("event_id", self.event_id, required=True)
             if not _UUID.fullmatch(self.event_id):
                 raise ValidationError("event_id", "must be a UUID like 8-4-4-4-12 hex digits")
         _timestamp("timestamp", self.timestamp)
@@ -312,9 +313,9 @@ class PageView(Event):
     referrer: Optional[str] = None
 
     def _check(self) -> None:
-        _text("url", self.url, required=True)
-        _text("title", self.title)
-        _text("referrer", self.referrer)
+        check_text("url", self.url, required=True)
+        check_text("title", self.title)
+        check_text("referrer", self.referrer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,9 +331,9 @@ class PagePing(Event):
     max_y: Optional[int] = None
 
     def _check(self) -> None:
-        _text("url", self.url, required=True)
-        _text("title", self.title)
-        _text("referrer", self.referrer)
+        check_text("url", self.url, required=True)
+        check_text("title", self.title)
+        check_text("referrer", self.referrer)
         _scroll_range("min_x", self.min_x, "max_x", self.max_x)
         _scroll_range("min_y", self.min_y, "max_y", self.max_y)
 
@@ -346,8 +347,8 @@ class ScreenView(Event):
     id: Optional[str] = None
 
     def _check(self) -> None:
-        _text("name", self.name)
-        _text("id", self.id)
+        check_text("name", self.name)
+        check_text("id", self.id)
         if not self.name and not self.id:
             raise ValidationError("name", "name or id is required (both are empty)")
 
@@ -364,10 +365,10 @@ class StructuredEvent(Event):
     value: Optional[Number] = None
 
     def _check(self) -> None:
-        _text("category", self.category, required=True)
-        _text("action", self.action, required=True)
-        _text("label", self.label)
-        _text("property", self.property)
+        check_text("category", self.category, required=True)
+        check_text("action", self.action, required=True)
+        check_text("label", self.label)
+        check_text("property", self.property)
         if self.value is not None:
             _number("value", self.value)
 
@@ -395,10 +396,10 @@ class Timing(Event):
     label: Optional[str] = None
 
     def _check(self) -> None:
-        _text("category", self.category, required=True)
-        _text("variable", self.variable, required=True)
+        check_text("category", self.category, required=True)
+        check_text("variable", self.variable, required=True)
         _number("timing", self.timing, minimum=0)
-        _text("label", self.label)
+        check_text("label", self.label)
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,11 +414,11 @@ class EcommerceItem:
     category: Optional[str] = None
 
     def __post_init__(self) -> None:
-        _text("sku", self.sku, required=True)
+        check_text("sku", self.sku, required=True)
         _number("price", self.price)
         _integer("quantity", self.quantity)
-        _text("name", self.name)
-        _text("category", self.category)
+        check_text("name", self.name)
+        check_text("category", self.category)
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,13 +438,13 @@ class EcommerceTransaction(Event):
     items: Sequence[EcommerceItem] = ()
 
     def _check(self) -> None:
-        _text("order_id", self.order_id, required=True)
+        check_text("order_id", self.order_id, required=True)
         _number("total", self.total)
         for name in ("tax", "shipping"):
             if getattr(self, name) is not None:
                 _number(name, getattr(self, name))
         for name in ("affiliation", "city", "state", "country", "currency"):
-            _text(name, getattr(self, name))
+            check_text(name, getattr(self, name))
         object.__setattr__(self, "items", _items(self.items))
 
 

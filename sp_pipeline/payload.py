@@ -47,6 +47,7 @@ from sp_pipeline.events import (
     Timing,
     check_contexts,
     check_subject,
+    check_text,
 )
 
 TRACKER_VERSION = f"py-sp-pipeline-{__version__}"
@@ -99,12 +100,8 @@ class TrackerInfo:
     static_fields: Mapping[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("namespace", "app_id"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value.isprintable()):
-                raise ValidationError(name, "must be a printable str")
-        if not self.namespace:
-            raise ValidationError("namespace", "must not be empty")
+        check_text("namespace", self.namespace, required=True)
+        check_text("app_id", self.app_id)
         if self.platform not in PLATFORMS:
             raise ValidationError("platform", f"must be one of {', '.join(sorted(PLATFORMS))}")
         if not isinstance(self.encode_base64, bool):
