@@ -103,11 +103,6 @@ def _integer(name: str, value: Any, *, minimum: Optional[int] = None) -> None:
         raise ValidationError(name, f"must be >= {minimum}")
 
 
-def _timestamp(name: str, value: Any) -> None:
-    if value is not None:
-        _number(name, value, minimum=0)
-
-
 def _iglu(name: str, value: Any) -> None:
     check_text(name, value, required=True)
     if not IGLU_URI.fullmatch(value):
@@ -193,8 +188,12 @@ def check_contexts(contexts: Any, name: str = "contexts") -> Tuple[SelfDescribin
     Each item is a :class:`SelfDescribingJson` or a mapping ``{"schema", "data"}``
     (converted). ``Client.track(contexts=...)`` should call this once per call.
     """
-    if isinstance(contexts, tuple) and all(type(c) is SelfDescribingJson for c in contexts):
-        return contexts  # the common, already-valid case: no copy
+    if type(contexts) is tuple:
+        for c in contexts:
+            if type(c) is not SelfDescribingJson:
+                break
+        else:
+            return contexts  # the common, already-valid case: no copy
     if isinstance(contexts, (str, bytes, Mapping)) or not isinstance(contexts, Sequence):
         raise ValidationError(name, "must be a sequence of SelfDescribingJson")
     return tuple(_self_describing(f"{name}[{i}]", c) for i, c in enumerate(contexts))
@@ -294,10 +293,14 @@ class Event:
             check_text("event_id", self.event_id, required=True)
             if not _UUID.fullmatch(self.event_id):
                 raise ValidationError("event_id", "must be a UUID like 8-4-4-4-12 hex digits")
-        _timestamp("timestamp", self.timestamp)
-        _timestamp("true_timestamp", self.true_timestamp)
-        object.__setattr__(self, "contexts", check_contexts(self.contexts))
-        check_subject(self.subject)
+        if self.timestamp is not None:
+            _number("timestamp", self.timestamp, minimum=0)
+        if self.true_timestamp is not None:
+            _number("true_timestamp", self.true_timestamp, minimum=0)
+        if self.contexts != ():  # skip the call in the common case: events are built per track()
+            object.__setattr__(self, "contexts", check_contexts(self.contexts))
+        if self.subject is not None:
+            check_subject(self.subject)
         self._check()
 
     def _check(self) -> None:
