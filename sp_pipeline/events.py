@@ -10,11 +10,13 @@ Rules shared by every type:
 - Text fields are ``str`` (never bytes) and must be encodable as UTF-8 (no lone
   surrogates). Required text must not be empty; optional text may be ``None`` or ``""``,
   both of which are left out of the payload.
-- Numbers are ``int`` or ``float`` (``bool`` is not a number) and finite (no NaN, no
-  infinity).
+- Numbers are ``int`` or ``float`` (``bool`` is not a number) and finite doubles (no
+  NaN, no infinity, no int beyond the double range). Integer fields (page-ping
+  offsets, ``quantity``, ``session_index``, ``color_depth``) are ``int`` within the
+  signed 32-bit range, which is how Snowplow's enrichment reads them.
 - Timestamps (``timestamp`` -> ``dtm``, ``true_timestamp`` -> ``ttm``) are milliseconds
-  since the Unix epoch, non-negative; a float is truncated to whole milliseconds when
-  the payload is built.
+  since the Unix epoch, from 0 to :data:`MAX_TIMESTAMP_MS` (year 9999); a float is
+  truncated to whole milliseconds when the payload is built.
 - ``event_id`` is a UUID in canonical 8-4-4-4-12 hex form; it is sent exactly as given.
 - Iglu schema URIs match PROTOCOL.md's pattern (:data:`IGLU_URI`).
 - Self-describing data must serialise to JSON (``allow_nan=False``). Its JSON text is
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import KW_ONLY, dataclass, field
 from json import JSONEncoder
 from typing import Any, Mapping, Optional, Sequence, Tuple, Union
@@ -45,6 +48,12 @@ from sp_pipeline.errors import ValidationError
 IGLU_URI = re.compile(r"iglu:[a-zA-Z0-9-_.]+/[a-zA-Z0-9-_]+/[a-zA-Z0-9-_]+/[0-9]+-[0-9]+-[0-9]+")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _SIZE = re.compile(r"([1-9][0-9]*)x([1-9][0-9]*)")
+
+FLOAT_MAX = sys.float_info.max
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+#: Latest accepted timestamp: 9999-12-31T23:59:59.999Z in ms. Also catches values
+#: given in microseconds or nanoseconds by mistake.
+MAX_TIMESTAMP_MS = 253_402_300_799_999
 
 # allow_nan=False: NaN/Infinity are not JSON and collectors reject them.
 # ensure_ascii=False: compact output; lone surrogates then surface as UTF-8 errors.
@@ -81,8 +90,13 @@ def check_text(name: str, value: Any, *, required: bool = False) -> None:
     _utf8(name, value)
 
 
-def _number(name: str, value: Any, *, minimum: Optional[Number] = None) -> None:
-    """Check a finite int or float (not bool), optionally at least ``minimum``."""
+def _number(
+    name: str, value: Any, *, minimum: Optional[Number] = None, maximum: Number = FLOAT_MAX
+) -> None:
+    """Check an int or float (not bool) that is a finite double, within the bounds.
+
+    Ints beyond the double range are refused too: collectors parse numbers as doubles.
+    """
     if value is None:
         raise ValidationError(name, "is required")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -91,16 +105,21 @@ def _number(name: str, value: Any, *, minimum: Optional[Number] = None) -> None:
         raise ValidationError(name, "must be a finite number (no NaN or infinity)")
     if minimum is not None and value < minimum:
         raise ValidationError(name, f"must be >= {minimum}")
+    if value > maximum or value < -FLOAT_MAX:
+        raise ValidationError(name, f"must be between {-FLOAT_MAX:g} and {maximum:g}")
 
 
-def _integer(name: str, value: Any, *, minimum: Optional[int] = None) -> None:
-    """Check an int (not bool), optionally at least ``minimum``."""
+def _integer(name: str, value: Any, *, minimum: int = INT32_MIN) -> None:
+    """Check an int (not bool) from ``minimum`` up to INT32_MAX: Snowplow's enrichment
+    reads the integer fields (pp_*, ti_qu, vid) as 32-bit ints."""
     if value is None:
         raise ValidationError(name, "is required")
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValidationError(name, f"must be an int, not {type(value).__name__}")
-    if minimum is not None and value < minimum:
+    if value < minimum:
         raise ValidationError(name, f"must be >= {minimum}")
+    if value > INT32_MAX:
+        raise ValidationError(name, f"must be <= {INT32_MAX} (a 32-bit integer)")
 
 
 def _iglu(name: str, value: Any) -> None:
@@ -294,9 +313,9 @@ class Event:
             if not _UUID.fullmatch(self.event_id):
                 raise ValidationError("event_id", "must be a UUID like 8-4-4-4-12 hex digits")
         if self.timestamp is not None:
-            _number("timestamp", self.timestamp, minimum=0)
+            _number("timestamp", self.timestamp, minimum=0, maximum=MAX_TIMESTAMP_MS)
         if self.true_timestamp is not None:
-            _number("true_timestamp", self.true_timestamp, minimum=0)
+            _number("true_timestamp", self.true_timestamp, minimum=0, maximum=MAX_TIMESTAMP_MS)
         if self.contexts != ():  # skip the call in the common case: events are built per track()
             object.__setattr__(self, "contexts", check_contexts(self.contexts))
         if self.subject is not None:

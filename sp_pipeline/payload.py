@@ -102,7 +102,7 @@ class TrackerInfo:
     def __post_init__(self) -> None:
         check_text("namespace", self.namespace, required=True)
         check_text("app_id", self.app_id)
-        if self.platform not in PLATFORMS:
+        if not isinstance(self.platform, str) or self.platform not in PLATFORMS:
             raise ValidationError("platform", f"must be one of {', '.join(sorted(PLATFORMS))}")
         if not isinstance(self.encode_base64, bool):
             raise ValidationError("encode_base64", "must be a bool")
@@ -358,7 +358,7 @@ def check_event_json(data: bytes, max_bytes: int) -> None:
     """
     if len(data) > max_bytes:
         raise FrameError("size", f"event is {len(data)} bytes, limit {max_bytes}")
-    if data[:1] != b"{":
+    if not data or data[0] != 0x7B:  # b"{"
         raise FrameError("json", "event must be a JSON object starting with '{'")
     try:
         obj = _decode_json(data.decode("utf-8"))
@@ -366,12 +366,14 @@ def check_event_json(data: bytes, max_bytes: int) -> None:
         raise FrameError("json", f"event is not UTF-8 JSON ({exc})") from None
     if type(obj) is not dict:
         raise FrameError("json", "event must be a JSON object")
-    for key, value in obj.items():
+    for value in obj.values():
         if type(value) is not _STR:
+            key = next(k for k, v in obj.items() if v is value)
             raise FrameError("field_type", f"{key!r} must be a string, not {type(value).__name__}")
-    for key in _REQUIRED_KEYS:
-        if not obj.get(key):
-            raise FrameError("missing", f"{key!r} is required and must not be empty")
+    get = obj.get
+    if not (get("e") and get("p") and get("tv")):
+        key = next(k for k in _REQUIRED_KEYS if not get(k))
+        raise FrameError("missing", f"{key!r} is required and must not be empty")
     if not obj.keys() <= _ACCEPTED_KEYS:
         if "stm" in obj:
             raise FrameError("stm", "event carries stm; the sender sets it")

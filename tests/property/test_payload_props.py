@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from sp_pipeline.errors import FrameError, ValidationError
 from sp_pipeline.events import (
+    MAX_TIMESTAMP_MS,
     EcommerceItem,
     EcommerceTransaction,
     Event,
@@ -45,9 +46,11 @@ optional_text = st.none() | text
 integers = st.integers(min_value=-(10**30), max_value=10**30)
 floats = st.floats(allow_nan=False, allow_infinity=False)
 numbers = integers | floats
-non_negative = st.integers(min_value=0, max_value=10**15) | st.floats(
-    min_value=0, max_value=1e15, allow_nan=False
+durations = st.integers(min_value=0, max_value=10**30) | st.floats(min_value=0, allow_infinity=False)
+timestamps = st.integers(min_value=0, max_value=MAX_TIMESTAMP_MS) | st.floats(
+    min_value=0, max_value=MAX_TIMESTAMP_MS
 )
+int32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)
 json_values = st.recursive(
     st.none() | st.booleans() | integers | floats | text,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(text, children, max_size=4),
@@ -66,15 +69,15 @@ subjects = st.none() | st.builds(
     Subject,
     user_id=optional_text, ip_address=optional_text, useragent=optional_text,
     domain_user_id=optional_text, network_user_id=optional_text, session_id=optional_text,
-    session_index=st.none() | st.integers(1, 10**9), screen_resolution=sizes, viewport=sizes,
+    session_index=st.none() | st.integers(1, 2**31 - 1), screen_resolution=sizes, viewport=sizes,
     color_depth=st.none() | st.integers(1, 64), timezone=optional_text, language=optional_text,
 )
 common = st.fixed_dictionaries(
     {},
     optional={
         "event_id": st.uuids().map(str),
-        "timestamp": non_negative,
-        "true_timestamp": non_negative,
+        "timestamp": timestamps,
+        "true_timestamp": timestamps,
         "contexts": entities,
         "subject": subjects,
     },
@@ -88,7 +91,7 @@ trackers = st.builds(
 def ping_offsets(draw: Any) -> Dict[str, int]:
     out: Dict[str, int] = {}
     for axis in "xy":
-        a, b = sorted(draw(st.lists(st.integers(-(10**6), 10**9), min_size=2, max_size=2)))
+        a, b = sorted(draw(st.lists(int32, min_size=2, max_size=2)))
         if draw(st.booleans()):
             out[f"min_{axis}"] = a
         if draw(st.booleans()):
@@ -97,7 +100,7 @@ def ping_offsets(draw: Any) -> Dict[str, int]:
 
 
 items = st.lists(
-    st.builds(EcommerceItem, required_text, numbers, integers, optional_text, optional_text),
+    st.builds(EcommerceItem, required_text, numbers, int32, optional_text, optional_text),
     max_size=3,
 )
 
@@ -112,7 +115,7 @@ def events_with(c: Dict[str, Any]) -> st.SearchStrategy[Event]:
         st.builds(StructuredEvent, required_text, required_text, optional_text, optional_text,
                   st.none() | numbers, **_just(c)),
         st.builds(SelfDescribing, st.builds(SelfDescribingJson, iglu, json_values), **_just(c)),
-        st.builds(Timing, required_text, required_text, non_negative, optional_text, **_just(c)),
+        st.builds(Timing, required_text, required_text, durations, optional_text, **_just(c)),
         st.builds(EcommerceTransaction, required_text, numbers, optional_text,
                   st.none() | numbers, st.none() | numbers, optional_text, optional_text,
                   optional_text, optional_text, items, **_just(c)),

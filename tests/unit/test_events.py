@@ -10,6 +10,7 @@ import pytest
 
 from sp_pipeline.errors import ValidationError
 from sp_pipeline.events import (
+    MAX_TIMESTAMP_MS,
     EcommerceItem,
     EcommerceTransaction,
     PagePing,
@@ -80,6 +81,13 @@ def test_self_describing_json_text_is_a_snapshot() -> None:
     assert sdj.json_text == '{"schema":"iglu:com.acme/thing/jsonschema/1-0-0","data":{"a":"é"}}'
 
 
+def test_bounds_are_inclusive() -> None:
+    assert PageView("u", timestamp=MAX_TIMESTAMP_MS, true_timestamp=0).timestamp == MAX_TIMESTAMP_MS
+    assert EcommerceItem("s", 1, 2**31 - 1).quantity == 2**31 - 1
+    assert EcommerceItem("s", 1, -(2**31)).quantity == -(2**31)
+    assert StructuredEvent("c", "a", value=10**308).value == 10**308
+
+
 def test_negative_money_and_quantity_are_refunds_and_allowed() -> None:
     item = EcommerceItem("sku", -5.5, -1)
     tr = EcommerceTransaction("o", -5.5, tax=-1, shipping=-0.5, items=[item])
@@ -147,6 +155,12 @@ def test_text_rules_name_the_field(make: Callable[[], Any], field: str, words: s
         (lambda: EcommerceItem("s", math.nan, 1), "price", "finite"),
         (lambda: EcommerceItem("s", 1, 1.0), "quantity", "int"),  # type: ignore[arg-type]
         (lambda: EcommerceItem("s", 1, True), "quantity", "int"),
+        (lambda: StructuredEvent("c", "a", value=10**309), "value", "between"),
+        (lambda: StructuredEvent("c", "a", value=-(10**309)), "value", "between"),
+        (lambda: EcommerceTransaction("o", 10**400), "total", "between"),
+        (lambda: EcommerceItem("s", 1, 2**31), "quantity", "32-bit"),
+        (lambda: EcommerceItem("s", 1, -(2**31) - 1), "quantity", ">="),
+        (lambda: PagePing("u", max_x=2**31), "max_x", "32-bit"),
         (lambda: PagePing("u", min_x=1.5), "min_x", "int"),  # type: ignore[arg-type]
         (lambda: PagePing("u", max_y=False), "max_y", "int"),
         (lambda: PagePing("u", min_x=5, max_x=4), "min_x", "max_x"),
@@ -174,6 +188,8 @@ def test_number_rules_name_the_field(make: Callable[[], Any], field: str, words:
         ({"timestamp": True}, "timestamp", "number"),
         ({"true_timestamp": math.inf}, "true_timestamp", "finite"),
         ({"true_timestamp": -0.5}, "true_timestamp", ">= 0"),
+        ({"timestamp": 1_700_000_000_000_000}, "timestamp", "between"),  # microseconds
+        ({"true_timestamp": MAX_TIMESTAMP_MS + 1}, "true_timestamp", "between"),
         ({"subject": {"user_id": "u"}}, "subject", "Subject"),
         ({"contexts": SelfDescribingJson(SCHEMA, {})}, "contexts", "sequence"),
         ({"contexts": "iglu:x"}, "contexts", "sequence"),
@@ -281,6 +297,7 @@ def test_subject_leaves_out_empty_and_none() -> None:
         ({"useragent": b"x"}, "useragent", "str"),
         ({"session_index": 0}, "session_index", ">= 1"),
         ({"session_index": "1"}, "session_index", "int"),
+        ({"session_index": 2**31}, "session_index", "32-bit"),
         ({"color_depth": True}, "color_depth", "int"),
         ({"screen_resolution": (0, 10)}, "screen_resolution[0]", ">= 1"),
         ({"screen_resolution": (10, 1.5)}, "screen_resolution[1]", "int"),

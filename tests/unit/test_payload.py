@@ -271,6 +271,7 @@ def test_transaction_items_share_now_when_no_timestamp() -> None:
         ({"namespace": 3}, "namespace"),
         ({"app_id": "a\ud800"}, "app_id"),
         ({"platform": "desktop"}, "platform"),
+        ({"platform": ["srv"]}, "platform"),
         ({"encode_base64": 1}, "encode_base64"),
     ],
 )
