@@ -357,3 +357,47 @@ def flags_from_namespace(ns: Any) -> Dict[str, Any]:
 
 
 __all__ = ["OPTIONS", "Option", "Settings", "load", "defaults", "add_arguments"]
+
+
+def render_markdown() -> str:
+    """``docs/configuration.md``, generated from OPTIONS (a test keeps the file in step)."""
+    lines = [
+        "# Configuration",
+        "",
+        "Generated from `sp_pipeline/config.py` (`python -m sp_pipeline.config > "
+        "docs/configuration.md`); a test fails when this file and the code disagree.",
+        "",
+        "Every option can be given as a command-line flag, as an environment variable or as "
+        "a key of the TOML file named by `--config` (or `SP_PIPELINE_CONFIG`). Precedence: "
+        "flag, then environment, then file, then default. `sp-pipeline check-config` prints "
+        "the effective values.",
+        "",
+        "| option (TOML key) | flag | environment | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for o in OPTIONS:
+        default = o.default
+        if isinstance(default, tuple):
+            default = ",".join(map(str, default))
+        choices = getattr(o.parse, "choices", None)
+        meaning = o.help + (f" (one of: {', '.join(choices)})" if choices else "")
+        lines.append(f"| `{o.name}` | `{o.flag}` | `{o.env}` | `{default!s}` | {meaning} |")
+    lines += [
+        "",
+        "Example TOML file:",
+        "",
+        "```toml",
+        'collector = "https://collector.example.com"',
+        'store = "/var/lib/sp-pipeline/events.db"',
+        'run_dir = "/run/sp-pipeline"',
+        "senders = 2",
+        'when_full = "block"',
+        "dead_letter_statuses = [400, 401, 403, 410, 413, 422]",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render_markdown(), end="")
