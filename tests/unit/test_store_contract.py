@@ -349,3 +349,126 @@ def test_reopen_keeps_committed_data_only(open_store: Factory) -> None:
     assert again.clear_leases() == 1
     again.commit()
     assert [e.payload for e in lease(again, 2)] == payloads
+
+
+# ------------------------------------------------------------------ against a model
+class _Model:
+    """The contract as plain Python: rows in queue order, keyed by payload."""
+
+    def __init__(self) -> None:
+        self.rows: Dict[bytes, Dict[str, Any]] = {}  # insertion order = queue order
+        self.dead: List[bytes] = []
+
+    def eligible(self, now: float) -> List[bytes]:
+        return [p for p, r in self.rows.items() if r["next_at"] <= now]
+
+    def lease(self, lease_id: int, n: int, nbytes: int, now: float) -> List[bytes]:
+        ready = self.eligible(now)
+        taken = ready[: batching.take([len(p) for p in ready], nbytes, n)]
+        for p in taken:
+            self.rows[p].update(lease_id=lease_id, lease_exp=now + LEASE_S, next_at=now + LEASE_S)
+        return taken
+
+
+def _machine(factory: Callable[[Path], Factory]):
+    import shutil
+    import tempfile
+
+    from hypothesis import strategies as st
+    from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+    class StoreVersusModel(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dir = Path(tempfile.mkdtemp())
+            self.store = factory(self.dir)()
+            self.model = _Model()
+            self.now = T0
+            self.counter = 0
+            self.ids: Dict[bytes, int] = {}
+            self.leases: Dict[int, List[bytes]] = {}
+
+        def teardown(self) -> None:
+            self.store.close()
+            shutil.rmtree(self.dir)
+
+        @rule(count=st.integers(1, 6), pad=st.integers(0, 60))
+        def enqueue(self, count: int, pad: int) -> None:
+            batch = [ev(self.counter + i, pad) for i in range(count)]
+            self.counter += count
+            self.store.enqueue(batch, self.now)
+            self.store.commit()
+            for p in batch:
+                self.model.rows[p] = dict(attempts=0, next_at=0.0, lease_id=0, lease_exp=0.0)
+
+        @rule(n=st.integers(1, 8), nbytes=st.integers(100, 600))
+        def lease(self, n: int, nbytes: int) -> None:
+            lease_id = len(self.leases) + 1
+            got = self.store.lease(lease_id, n, nbytes, self.now, LEASE_S)
+            self.store.commit()
+            want = self.model.lease(lease_id, n, nbytes, self.now)
+            assert [e.payload for e in got] == want
+            assert [e.attempts for e in got] == [self.model.rows[p]["attempts"] for p in want]
+            self.ids.update((e.payload, e.id) for e in got)
+            self.leases[lease_id] = want
+
+        @rule(data=st.data(), outcome=st.sampled_from(["ack", "release", "dead"]))
+        def settle(self, data: Any, outcome: str) -> None:
+            if not self.leases:
+                return
+            lease_id = data.draw(st.sampled_from(sorted(self.leases)))
+            payloads = data.draw(st.lists(st.sampled_from(self.leases[lease_id]), unique=True)) \
+                if self.leases[lease_id] else []
+            ids = [self.ids[p] for p in payloads]
+            held = [p for p in payloads if p in self.model.rows
+                    and self.model.rows[p]["lease_id"] == lease_id]
+            if outcome == "ack":
+                present = [p for p in payloads if p in self.model.rows]
+                assert self.store.ack(lease_id, ids) == len(present)
+                for p in present:
+                    del self.model.rows[p]
+            elif outcome == "release":
+                retry_at = self.now + data.draw(st.sampled_from([0.0, 5.0, 50.0]))
+                assert self.store.release(lease_id, ids, retry_at, self.now) == len(held)
+                for p in held:
+                    self.model.rows[p].update(attempts=self.model.rows[p]["attempts"] + 1,
+                                              next_at=retry_at, lease_id=0, lease_exp=0.0)
+            else:
+                assert self.store.dead_letter(lease_id, ids, "r", 500, self.now) == len(held)
+                for p in held:
+                    del self.model.rows[p]
+                self.model.dead.extend(sorted(held, key=lambda p: self.ids[p]))
+            self.store.commit()
+
+        @rule()
+        def requeue_all(self) -> None:
+            assert self.store.requeue_dead_letters(None, self.now) == len(self.model.dead)
+            self.store.commit()
+            for p in self.model.dead:
+                self.model.rows[p] = dict(attempts=0, next_at=0.0, lease_id=0, lease_exp=0.0)
+            self.model.dead = []
+
+        @rule(seconds=st.sampled_from([1.0, 10.0, LEASE_S + 1]))
+        def advance(self, seconds: float) -> None:
+            self.now += seconds
+
+        @invariant()
+        def stats_agree(self) -> None:
+            s = self.store.stats(self.now)
+            rows = self.model.rows
+            assert s.queued == len(rows)
+            assert s.queued_bytes == sum(len(p) for p in rows)
+            assert s.leased == sum(1 for r in rows.values() if r["lease_id"] and r["lease_exp"] > self.now)
+            assert s.dead_letters == len(self.model.dead)
+            assert [d.payload for d in self.store.dead_letters(1000)] == self.model.dead
+
+    return StoreVersusModel
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_store_agrees_with_a_model(name: str) -> None:
+    from hypothesis import settings as hsettings
+
+    machine = _machine(FACTORIES[name])
+    machine.TestCase.settings = hsettings(max_examples=40, stateful_step_count=25, deadline=None)
+    machine.TestCase().runTest()

@@ -74,7 +74,9 @@ def test_open_store_maps_settings(tmp_path: Path) -> None:
 
 def test_lease_queries_search_an_index_never_scan_the_table(tmp_path: Path) -> None:
     with SQLiteStore(str(tmp_path / "s.db")) as store:
-        for sql, args in [(store_sqlite._SQL_RETRY, (T0, 500)), (store_sqlite._SQL_FRESH, (500,))]:
+        queries = [(store_sqlite._SQL_DUE_COUNT, (T0, 9, 500)), (store_sqlite._SQL_FRESH, (500,)),
+                   (store_sqlite._SQL_DUE_BY_INDEX, (T0, 9, 500))]
+        for sql, args in queries:
             plan = " ".join(r[-1] for r in store._conn.execute("EXPLAIN QUERY PLAN " + sql, args))
             assert "COVERING INDEX queue_ready" in plan and "SCAN queue" not in plan, plan
 
