@@ -75,13 +75,17 @@ def fill(store: SQLiteStore, events: int, checkpoint_every: int = 0) -> Dict[str
             "peak_wal_bytes": peak_wal}
 
 
-def bench_enqueue(directory: str, events: int) -> Dict[str, object]:
-    out: Dict[str, object] = {}
+def bench_enqueue(directory: str, events: int, checkpoint_every: int) -> Dict[str, object]:
+    out: Dict[str, object] = {"checkpoint_every_commits": checkpoint_every}
     for sync in ("normal", "full"):
         path = os.path.join(directory, f"enqueue-{sync}.db")
         with SQLiteStore(path, synchronous=sync) as store:
-            out[sync] = fill(store, events, checkpoint_every=20)
+            out[sync] = fill(store, events, checkpoint_every=checkpoint_every)
         _remove(path)
+    path = os.path.join(directory, "enqueue-every-commit.db")
+    with SQLiteStore(path) as store:
+        out["normal_checkpoint_every_commit"] = fill(store, events, checkpoint_every=1)
+    _remove(path)
     return out
 
 
@@ -180,6 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs (a few seconds)")
     parser.add_argument("--backlog", type=int, default=None, help="rows in the backlog (default 1,000,000; quick 100,000)")
+    parser.add_argument("--checkpoint-every", type=int, default=20, help="commits between PASSIVE checkpoints while enqueueing")
     parser.add_argument("--dir", default=None, help="where to put the databases (default: a temp dir)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "store.json"))
     args = parser.parse_args()
@@ -188,7 +193,7 @@ def main() -> None:
     results: Dict[str, object] = {"quick": args.quick, "payload_bytes": PAYLOAD_BYTES,
                                   "tx_events": TX_EVENTS, "lease_events": LEASE_EVENTS}
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
-        results["enqueue"] = bench_enqueue(directory, enqueue_events)
+        results["enqueue"] = bench_enqueue(directory, enqueue_events, args.checkpoint_every)
         _show("enqueue", results["enqueue"])
         results["lease_ack"] = bench_lease_ack(directory, enqueue_events)
         _show("lease_ack", results["lease_ack"])

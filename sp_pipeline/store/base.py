@@ -5,7 +5,11 @@ method runs inside the transaction opened by ``begin()`` and becomes durable at
 ``commit()``; nothing is visible to other connections before that. Times are float
 seconds since the epoch, passed in (``now``) so tests control the clock.
 
-Tables (SQLite implementation)::
+Ids are never reused, so an ack or release naming an old id cannot touch a newer
+event. ``lease_id`` 0 means "not leased" and is never a valid lease.
+
+Tables (SQLite implementation; exact columns, order and indexes in
+``store/migrations.py``)::
 
     queue(id INTEGER PRIMARY KEY,     -- insertion order = age order
           payload BLOB,               -- UTF-8 JSON of one tracker-protocol event
@@ -13,7 +17,8 @@ Tables (SQLite implementation)::
           enqueued_at REAL,
           attempts INTEGER,           -- failed deliveries so far
           next_attempt_at REAL,       -- not leased before this time
-          lease_id INTEGER,           -- 0 when not leased
+          lease_id INTEGER,           -- 0 when not leased (an expired lease keeps its id
+                                      -- until the row is leased again)
           lease_expires_at REAL)
     dead_letters(id, payload, size, enqueued_at, attempts, reason, last_status, dead_at)
     producers(producer_id BLOB PRIMARY KEY, last_seq INTEGER, updated_at REAL)
@@ -118,8 +123,8 @@ class Store(Protocol):
         status: int,
         now: float,
     ) -> int:
-        """Move rows held by ``lease_id`` (or unleased, when ``lease_id`` is 0) to the
-        dead-letter table with the reason and last HTTP status (0 for none);
+        """Move rows held by ``lease_id`` (or rows no lease holds, when ``lease_id`` is
+        0: never leased, or released) to the dead-letter table with the reason and last HTTP status (0 for none);
         ``attempts`` counts this attempt. Returns the number of rows moved."""
 
     def clear_leases(self) -> int:

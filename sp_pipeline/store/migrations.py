@@ -1,4 +1,4 @@
-"""Schema versions of the SQLite store, and how a file is recognised as ours.
+"""The store file: how it is recognised as ours, opened, configured and migrated.
 
 A store file is ours when its header says SQLite and its ``application_id`` (header
 bytes 68..71, big-endian) is ``APPLICATION_ID``. Its schema version is ``PRAGMA
@@ -33,9 +33,14 @@ from __future__ import annotations
 import os
 import sqlite3
 import struct
+import urllib.parse
 from typing import Callable, FrozenSet, List, Tuple
 
-from sp_pipeline.errors import StoreError, StoreNotOurs
+from sp_pipeline.errors import StoreError, StoreFull, StoreNotOurs
+
+SQLITE_FULL = 13
+BUSY_TIMEOUT_MS = 5000
+CACHE_KIB = 8192  # page cache per connection; memory stays flat whatever the backlog
 
 # "spPL" in ASCII: marks a SQLite file as an sp-pipeline store.
 APPLICATION_ID = 0x7370504C
@@ -167,3 +172,97 @@ def file_exists(path: str) -> bool:
     if os.path.isdir(path):
         raise StoreError(f"store {path}: is a directory")
     return os.path.exists(path)
+
+
+def store_error(path: str, what: str, exc: sqlite3.Error) -> StoreError:
+    if getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL:
+        return StoreFull(f"store {path}: disk or database full during {what}; rolled back ({exc})")
+    return StoreError(f"store {path}: {what} failed: {exc}")
+
+
+def connect_readonly(path: str, immutable: bool = False) -> sqlite3.Connection:
+    uri = "file:" + urllib.parse.quote(path) + "?mode=ro" + ("&immutable=1" if immutable else "")
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        conn.execute("PRAGMA schema_version").fetchone()  # forces the file to be read
+    except sqlite3.Error as exc:
+        raise StoreError(f"store {path}: cannot open read-only: {exc}") from exc
+    return conn
+
+
+def open_writable(path: str, synchronous: int) -> sqlite3.Connection:
+    """Check the file is ours (or create it) before anything is written, then connect,
+    migrate, switch to WAL and verify the pragmas."""
+    if file_exists(path) and check_header(path):
+        # Without a -wal file the main file holds everything, and an immutable read
+        # creates no -wal/-shm beside a file we may be about to refuse.
+        probe = connect_readonly(path, immutable=not os.path.exists(path + "-wal"))
+        try:
+            inspect(probe, path)
+        finally:
+            probe.close()
+    else:
+        create_file(path)
+    check_access(path)
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    except sqlite3.Error as exc:
+        raise StoreError(f"store {path}: cannot open: {exc}") from exc
+    try:
+        configure(conn, path, synchronous)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def create_file(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return  # an empty file, or one that appeared since: SQLite and inspect() decide
+    except OSError as exc:
+        raise StoreError(f"store {path}: cannot create: {exc.strerror or exc}") from exc
+    os.close(fd)
+
+
+def check_access(path: str) -> None:
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise StoreError(f"store {path}: cannot open for writing: permission denied")
+    directory = os.path.dirname(path)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise StoreError(
+            f"store {path}: directory {directory} is not writable "
+            "(SQLite needs to create the -wal and -shm files there)"
+        )
+
+
+def configure(conn: sqlite3.Connection, path: str, synchronous: int) -> None:
+    expected = {
+        "busy_timeout": BUSY_TIMEOUT_MS,
+        "foreign_keys": 0,
+        "cache_size": -CACHE_KIB,
+        "temp_store": 2,  # MEMORY
+        "synchronous": synchronous,
+    }
+    try:
+        for name, value in expected.items():
+            conn.execute(f"PRAGMA {name} = {int(value)}")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            migrate(conn, path)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        # WAL only now: the first transaction (application_id, schema) went through the
+        # rollback journal, so the file's header says "ours" even after a crash.
+        conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        conn.execute("PRAGMA wal_autocheckpoint = 0").fetchone()  # the writer checkpoints
+    except sqlite3.Error as exc:
+        raise store_error(path, "open", exc) from exc
+    expected.update(journal_mode="wal", wal_autocheckpoint=0)
+    for name, value in expected.items():
+        (actual,) = conn.execute(f"PRAGMA {name}").fetchone()
+        if actual != value:
+            raise StoreError(f"store {path}: PRAGMA {name} is {actual!r} after setting {value!r}")

@@ -29,20 +29,16 @@ import heapq
 import itertools
 import os
 import sqlite3
-import urllib.parse
 from contextlib import contextmanager
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from sp_pipeline import batching
-from sp_pipeline.errors import StoreError, StoreFull
+from sp_pipeline.errors import StoreError
 from sp_pipeline.store import migrations
 from sp_pipeline.store.base import DeadLetter, EnqueueResult, QueuedEvent, StoreStats
 
 _T = TypeVar("_T")
 
-SQLITE_FULL = 13
-BUSY_TIMEOUT_MS = 5000
-CACHE_KIB = 8192  # page cache per connection; memory stays flat whatever the backlog
 _SYNCHRONOUS = {"normal": 1, "full": 2}
 _WHEN_FULL = ("block", "drop_oldest")
 
@@ -158,7 +154,7 @@ class SQLiteStore:
         self.when_full = when_full
         self.max_dead_letters = max_dead_letters
         self.dead_letters_evicted = 0
-        self._conn = _open_writable(self.path, _SYNCHRONOUS[synchronous])
+        self._conn = migrations.open_writable(self.path, _SYNCHRONOUS[synchronous])
         self._queued, self._queued_bytes = self._conn.execute(
             "SELECT count(*), CAST(total(size) AS INTEGER) FROM queue INDEXED BY queue_ready"
         ).fetchone()
@@ -173,7 +169,7 @@ class SQLiteStore:
         try:
             self._conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise _store_error(self.path, "begin", exc) from exc
+            raise migrations.store_error(self.path, "begin", exc) from exc
         self._saved = (self._queued, self._queued_bytes, self._dead)
         self._evicting = 0
 
@@ -184,7 +180,7 @@ class SQLiteStore:
             self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._abort()
-            raise _store_error(self.path, "commit", exc) from exc
+            raise migrations.store_error(self.path, "commit", exc) from exc
         self.dead_letters_evicted += self._evicting
         self._evicting = 0
 
@@ -208,7 +204,7 @@ class SQLiteStore:
             yield
         except sqlite3.Error as exc:
             self._abort()
-            raise _store_error(self.path, what, exc) from exc
+            raise migrations.store_error(self.path, what, exc) from exc
 
     # ------------------------------------------------------------ queue
     def enqueue(self, payloads: Sequence[bytes], now: float) -> EnqueueResult:
@@ -356,7 +352,7 @@ class SQLiteStore:
         try:
             return _stats(self._conn, now, self._queued, self._queued_bytes, self._dead)
         except sqlite3.Error as exc:
-            raise _store_error(self.path, "stats", exc) from exc
+            raise migrations.store_error(self.path, "stats", exc) from exc
 
     def producer_seq(self, producer_id: bytes) -> Optional[int]:
         row = self._conn.execute(
@@ -422,7 +418,7 @@ class SQLiteStore:
         try:
             _busy, frames, done = self._conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
         except sqlite3.Error as exc:
-            raise _store_error(self.path, "checkpoint", exc) from exc
+            raise migrations.store_error(self.path, "checkpoint", exc) from exc
         return max(frames, 0), max(done, 0)
 
     def wal_bytes(self) -> int:
@@ -466,11 +462,11 @@ class ReadOnlyStore:
     def _read(self, query: Callable[[sqlite3.Connection], _T]) -> _T:
         for _ in range(2):
             immutable = not os.path.exists(self.path + "-wal")
-            conn = _connect_readonly(self.path, immutable=immutable)
+            conn = migrations.connect_readonly(self.path, immutable=immutable)
             try:
                 result = query(conn)
             except sqlite3.Error as exc:
-                raise _store_error(self.path, "read", exc) from exc
+                raise migrations.store_error(self.path, "read", exc) from exc
             finally:
                 conn.close()
             if not immutable or not os.path.exists(self.path + "-wal"):
@@ -519,98 +515,3 @@ def _dead_letter_page(conn: sqlite3.Connection, limit: int, offset: int) -> List
                    reason=r[4], last_status=r[5], dead_at=r[6])
         for r in conn.execute(_SQL_DEAD_PAGE, (limit, offset))
     ]
-
-
-# ---------------------------------------------------------------- opening
-def _store_error(path: str, what: str, exc: sqlite3.Error) -> StoreError:
-    if getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL:
-        return StoreFull(f"store {path}: disk or database full during {what}; rolled back ({exc})")
-    return StoreError(f"store {path}: {what} failed: {exc}")
-
-
-def _connect_readonly(path: str, immutable: bool = False) -> sqlite3.Connection:
-    uri = "file:" + urllib.parse.quote(path) + "?mode=ro" + ("&immutable=1" if immutable else "")
-    try:
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
-        conn.execute("PRAGMA schema_version").fetchone()  # forces the file to be read
-    except sqlite3.Error as exc:
-        raise StoreError(f"store {path}: cannot open read-only: {exc}") from exc
-    return conn
-
-
-def _open_writable(path: str, synchronous: int) -> sqlite3.Connection:
-    """Check the file is ours (or create it) before anything is written, then connect,
-    migrate, switch to WAL and verify the pragmas."""
-    if migrations.file_exists(path) and migrations.check_header(path):
-        # Without a -wal file the main file holds everything, and an immutable read
-        # creates no -wal/-shm beside a file we may be about to refuse.
-        probe = _connect_readonly(path, immutable=not os.path.exists(path + "-wal"))
-        try:
-            migrations.inspect(probe, path)
-        finally:
-            probe.close()
-    else:
-        _create_file(path)
-    _check_access(path)
-    try:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
-    except sqlite3.Error as exc:
-        raise StoreError(f"store {path}: cannot open: {exc}") from exc
-    try:
-        _configure(conn, path, synchronous)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _create_file(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return  # an empty file, or one that appeared since: SQLite and inspect() decide
-    except OSError as exc:
-        raise StoreError(f"store {path}: cannot create: {exc.strerror or exc}") from exc
-    os.close(fd)
-
-
-def _check_access(path: str) -> None:
-    if not os.access(path, os.R_OK | os.W_OK):
-        raise StoreError(f"store {path}: cannot open for writing: permission denied")
-    directory = os.path.dirname(path)
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise StoreError(
-            f"store {path}: directory {directory} is not writable "
-            "(SQLite needs to create the -wal and -shm files there)"
-        )
-
-
-def _configure(conn: sqlite3.Connection, path: str, synchronous: int) -> None:
-    expected = {
-        "busy_timeout": BUSY_TIMEOUT_MS,
-        "foreign_keys": 0,
-        "cache_size": -CACHE_KIB,
-        "temp_store": 2,  # MEMORY
-        "synchronous": synchronous,
-    }
-    try:
-        for name, value in expected.items():
-            conn.execute(f"PRAGMA {name} = {int(value)}")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            migrations.migrate(conn, path)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        # WAL only now: the first transaction (application_id, schema) went through the
-        # rollback journal, so the file's header says "ours" even after a crash.
-        conn.execute("PRAGMA journal_mode = WAL").fetchone()
-        conn.execute("PRAGMA wal_autocheckpoint = 0").fetchone()  # the writer checkpoints
-    except sqlite3.Error as exc:
-        raise _store_error(path, "open", exc) from exc
-    expected.update(journal_mode="wal", wal_autocheckpoint=0)
-    for name, value in expected.items():
-        (actual,) = conn.execute(f"PRAGMA {name}").fetchone()
-        if actual != value:
-            raise StoreError(f"store {path}: PRAGMA {name} is {actual!r} after setting {value!r}")

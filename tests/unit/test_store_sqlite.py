@@ -268,7 +268,7 @@ def test_readonly_view_never_writes_and_sees_the_writer(tmp_path: Path) -> None:
             assert (s.queued, s.queued_bytes, s.leased, s.dead_letters) == (2, 32, 1, 1)
             (dead,) = view.dead_letters(10)
             assert (dead.reason, dead.attempts, dead.payload) == ("oversize", 1, b'{"e":"pv","n":0}')
-    conn = store_sqlite._connect_readonly(str(path))
+    conn = migrations.connect_readonly(str(path))
     try:
         with pytest.raises(sqlite3.OperationalError, match="readonly"):
             conn.execute("DELETE FROM queue")
