@@ -47,6 +47,10 @@ def make_handler(settings: Settings):
     run_dir = os.path.abspath(settings.run_dir)
 
     class Handler(BaseHTTPRequestHandler):
+        # Headers and body are separate writes; without TCP_NODELAY the body waits for
+        # the client's delayed ACK (~40 ms per scrape).
+        disable_nagle_algorithm = True
+
         def do_GET(self) -> None:  # noqa: N802 (http.server naming)
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
