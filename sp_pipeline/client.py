@@ -59,14 +59,6 @@ class EventsRejected(SpPipelineError):
         )
 
 
-class _Pending:
-    __slots__ = ("events", "sent_at")
-
-    def __init__(self, events: List[bytes], sent_at: float) -> None:
-        self.events = events
-        self.sent_at = sent_at
-
-
 _clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
 
 
@@ -157,7 +149,7 @@ class Client:
         data = [encode_event(p) for p in payloads]
         nbytes = sum(map(len, data))
         with self._lock:
-            sock = self._socket()
+            sock = self._sock or self._socket()
             self._tracks += 1
             if self._tracks % _DRAIN_EVERY == 0:
                 self._drain(sock)
@@ -181,7 +173,7 @@ class Client:
                 self._seq -= 1
                 self.stats.buffer_full += 1
                 raise BufferFull(f"ZeroMQ send queue to {self.endpoint} is full") from None
-            self._pending[seq] = _Pending(data, time.monotonic())
+            self._pending[seq] = data
             self._pending_events += len(data)
             self._pending_bytes += nbytes
             self.stats.tracked_events += len(data)
@@ -214,7 +206,7 @@ class Client:
                     self._resend(sock, first, target)
                 remaining = deadline - now
                 if remaining <= 0:
-                    waiting = sum(len(p.events) for s, p in self._pending.items() if s <= target)
+                    waiting = sum(len(evs) for s, evs in self._pending.items() if s <= target)
                     raise FlushTimeout(waiting, timeout)
                 # Poll in short slices so other threads can track() meanwhile.
                 sock.poll(max(1, int(min(remaining, 0.005) * 1000)), zmq.POLLIN)
@@ -256,7 +248,7 @@ class Client:
         self._sock: Optional[zmq.Socket] = None
         self._producer_id = os.urandom(wire.PRODUCER_ID_BYTES)
         self._seq = 0
-        self._pending: Dict[int, _Pending] = {}
+        self._pending: Dict[int, List[bytes]] = {}
         self._pending_events = 0
         self._pending_bytes = 0
         self._rejections: Dict[int, str] = {}
@@ -307,24 +299,24 @@ class Client:
             self._resend(sock, reply[1], self._seq)
         elif op == wire.OP_REJECT and len(reply) == 3:
             seq, reason = reply[1], reply[2]
-            entry = self._pending.get(seq)
-            if entry is not None:
+            events = self._pending.get(seq)
+            if events is not None:
                 self._rejections[seq] = str(reason)
-                self.stats.rejected_events += len(entry.events)
+                self.stats.rejected_events += len(events)
                 self._confirm((seq,), confirmed=False)
 
     def _confirm(self, seqs, confirmed: bool = True) -> None:
         pending = self._pending
         for seq in seqs:
-            entry = pending.pop(seq, None)
-            if entry is None:
+            events = pending.pop(seq, None)
+            if events is None:
                 continue
-            n = len(entry.events)
+            n = len(events)
             self._pending_events -= n
-            self._pending_bytes -= sum(map(len, entry.events))
+            self._pending_bytes -= sum(map(len, events))
             if confirmed:
                 self.stats.confirmed_events += n
-            self._last_progress = time.monotonic()
+        self._last_progress = time.monotonic()
 
     def _resend(self, sock: zmq.Socket, from_seq: int, to_seq: int) -> None:
         """Send pending frames from ``from_seq`` to ``to_seq`` again, in order, each
@@ -332,17 +324,15 @@ class Client:
         base = next(iter(self._pending), None)
         if base is None:
             return
-        now = time.monotonic()
-        for seq, entry in list(self._pending.items()):
+        for seq, events in list(self._pending.items()):
             if seq < from_seq or seq > to_seq:
                 continue
             try:
-                sock.send(wire.encode_events(self._producer_id, seq, base, entry.events), zmq.NOBLOCK)
+                sock.send(wire.encode_events(self._producer_id, seq, base, events), zmq.NOBLOCK)
             except zmq.Again:
                 break
-            entry.sent_at = now
             self.stats.resent_frames += 1
-        self._last_progress = now
+        self._last_progress = time.monotonic()
 
 
 __all__ = ["Client", "ClientStats", "EventsRejected"]
