@@ -39,6 +39,7 @@ _READ_BUDGET = 2000  # messages read per loop pass, so neither socket starves th
 _HOUSEKEEPING_SECONDS = 1.0
 _PARKED_RECHECK_SECONDS = 0.1
 _MAX_FRAME_EVENTS = 10_000
+_DISK_FULL_PAUSE_SECONDS = 1.0
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Writer:
         self._parked: Deque[_Parked] = collections.deque()
         self._last_parked_check = 0.0
         self._last_housekeeping = 0.0
+        self._full_until = 0.0
         self._max_frame = settings.max_event_bytes * 4 + (1 << 20)
         self.totals = collections.Counter()
         self._history: Deque[Tuple[float, int, int]] = collections.deque(maxlen=61)
@@ -119,7 +121,10 @@ class Writer:
             if self._txn_started is not None and self._should_commit(now, got):
                 self._commit(now)
             if self._parked and (got or now - self._last_parked_check >= _PARKED_RECHECK_SECONDS):
-                self._serve_parked(now)
+                try:
+                    self._serve_parked(now)
+                except StoreFull as exc:
+                    self._disk_full(exc)
             if now - self._last_housekeeping >= _HOUSEKEEPING_SECONDS:
                 self._housekeeping(now)
             if drain_until is not None:
@@ -162,7 +167,11 @@ class Writer:
             except ValueError:
                 continue  # fewer than two parts: nothing to answer
             n += 1
-            handle(routing_id, frame)
+            try:
+                handle(routing_id, frame)
+            except StoreFull as exc:
+                self._disk_full(exc)
+                break
             if self._txn_events >= self.s.commit_max_events:
                 break
         return n
@@ -186,7 +195,17 @@ class Writer:
             self._metrics.full(not on)
 
     def _has_room(self) -> bool:
+        if self.clock() < self._full_until:
+            return False
         return self.s.when_full != "block" or self.store.has_room(1, 1)
+
+    def _disk_full(self, exc: StoreFull) -> None:
+        """The disk (or SQLite's page limit) is full: the store rolled the transaction
+        back. Producers resend what was not acknowledged; stop reading them for a while
+        and retry, so the pipeline recovers by itself when space returns."""
+        self._abort(f"no space left for the store, not reading producers for "
+                    f"{_DISK_FULL_PAUSE_SECONDS:g} s: {exc}")
+        self._full_until = self.clock() + _DISK_FULL_PAUSE_SECONDS
 
     # ------------------------------------------------------------------ transactions
 
@@ -196,13 +215,13 @@ class Writer:
             self._txn_started = self.clock()
 
     def _commit(self, now: float) -> None:
-        for pid in self._txn_producers:
-            self.store.set_producer_seq(pid, self.sequencer.last_consumed(pid), now)
         started = time.perf_counter()
         try:
+            for pid in self._txn_producers:
+                self.store.set_producer_seq(pid, self.sequencer.last_consumed(pid), now)
             self.store.commit()
         except StoreFull as exc:
-            self._abort(f"store full, transaction rolled back: {exc}")
+            self._disk_full(exc)
             return
         except StoreError as exc:
             self._abort(f"commit failed, transaction rolled back: {exc}")
