@@ -156,6 +156,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("max_queued_events", _positive_int, 10_000_000, "cap on queued events", "N"),
     Option("max_queued_bytes", _positive_int, 4 << 30, "cap on queued payload bytes", "BYTES"),
     Option("when_full", _choice("block", "drop_oldest"), "block", "what happens at the cap"),
+    Option("max_dead_letters", _positive_int, 1_000_000, "cap on dead letters (the oldest are "
+           "deleted beyond it, counted)", "N"),
     Option("max_event_bytes", _positive_int, 1 << 20, "largest accepted event payload", "BYTES"),
     Option("lease_seconds", _positive_float, 30.0, "lease lifetime (longer than a request)", "SECONDS"),
     Option("wal_max_bytes", _positive_int, 64 << 20, "WAL size that forces a truncating checkpoint", "BYTES"),
@@ -199,6 +201,7 @@ class Settings:
     max_queued_events: int
     max_queued_bytes: int
     when_full: str
+    max_dead_letters: int
     max_event_bytes: int
     lease_seconds: float
     wal_max_bytes: int

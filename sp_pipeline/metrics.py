@@ -69,6 +69,10 @@ STORE_DEAD_LETTERED = Counter(
     "Events moved to the dead-letter table, by reason.",
     ["reason"],
 )
+STORE_DEAD_EVICTED = Counter(
+    "sp_pipeline_store_dead_letters_evicted",
+    "Dead letters deleted because the dead-letter table was at max_dead_letters.",
+)
 STORE_FULL = Gauge(
     "sp_pipeline_store_full",
     "1 while the store is at its cap and the writer blocks ingest (when_full=block).",

@@ -415,6 +415,10 @@ class Writer:
         self._last_housekeeping = now
         self._history.append((now, self.totals["ingested"], self.totals["delivered"]))
         self._metrics.store_stats(self.store.stats(now), now, self.store.wal_bytes())
+        evicted = getattr(self.store, "dead_letters_evicted", 0)
+        if evicted > self.totals["evicted"]:
+            self._metrics.m.STORE_DEAD_EVICTED.inc(evicted - self.totals["evicted"])
+            self.totals["evicted"] = evicted
         self.sequencer.forget_idle(now)
 
     def _maybe_checkpoint(self) -> None:

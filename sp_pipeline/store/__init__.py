@@ -25,7 +25,7 @@ __all__ = [
 
 def open_store(settings: Settings) -> SQLiteStore:
     """The writer's store, per ``store``, ``synchronous``, ``max_queued_events``,
-    ``max_queued_bytes`` and ``when_full``. Raises ``StoreError`` (or ``StoreNotOurs``)
+    ``max_queued_bytes``, ``when_full`` and ``max_dead_letters``. Raises ``StoreError`` (or ``StoreNotOurs``)
     when the file cannot be used; a missing file is created (its directory must exist)."""
     return SQLiteStore(
         settings.store,
@@ -33,6 +33,7 @@ def open_store(settings: Settings) -> SQLiteStore:
         max_events=settings.max_queued_events,
         max_bytes=settings.max_queued_bytes,
         when_full=settings.when_full,
+        max_dead_letters=settings.max_dead_letters,
     )
 
 
