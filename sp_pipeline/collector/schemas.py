@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -298,15 +299,18 @@ class Validator:
         return not self.errors(instance)
 
 
-def parse_iglu_uri(uri: Any) -> Optional[Tuple[str, str, str, str]]:
-    """``(vendor, name, format, version)`` of a well-formed Iglu URI, else ``None``."""
-    if not isinstance(uri, str):
-        return None
+@functools.lru_cache(maxsize=4096)
+def _parse_iglu_text(uri: str) -> Optional[Tuple[str, str, str, str]]:
     match = IGLU_URI.fullmatch(uri)  # fullmatch: ``$`` alone accepts a final newline
     if match is None:
         return None
     vendor, name, fmt, version = match.groups()
     return vendor, name, fmt, version
+
+
+def parse_iglu_uri(uri: Any) -> Optional[Tuple[str, str, str, str]]:
+    """``(vendor, name, format, version)`` of a well-formed Iglu URI, else ``None``."""
+    return _parse_iglu_text(uri) if isinstance(uri, str) else None
 
 
 def bundled_schemas() -> Dict[str, Dict[str, Any]]:
@@ -347,6 +351,12 @@ class SchemaRegistry:
 
 SNOWPLOW = "com.snowplowanalytics.snowplow"
 PAYLOAD_DATA_1_0_4 = f"iglu:{SNOWPLOW}/payload_data/jsonschema/1-0-4"
+
+
+#: Event fields holding self-describing JSON (plain or base64url), checked in this order.
+_JSON_FIELDS = ("cx", "co", "ue_px", "ue_pr")
+#: Distinct valid JSON field values remembered per checker (see ``_check_alone``).
+JSON_FIELD_CACHE = 1024
 
 
 class EnvelopeError(SpPipelineError, ValueError):
@@ -397,6 +407,7 @@ class EventChecker:
                 assert validator is not None
                 self._items[uri] = Validator.compile(validator.schema["items"])
         self.default_items = self._items[PAYLOAD_DATA_1_0_4]
+        self._known_good = functools.lru_cache(maxsize=JSON_FIELD_CACHE)(self._check_alone)
 
     def envelope(self, body: Any) -> Tuple[Validator, List[Any]]:
         """``(event validator, events)`` of a parsed POST body, or ``EnvelopeError``."""
@@ -417,15 +428,36 @@ class EventChecker:
         found = Inspection((items or self.default_items).errors(event, path), [], None, [])
         if not isinstance(event, dict):
             return found
-        for field in ("cx", "co"):
-            if isinstance(event.get(field), str):
-                self._contexts(event[field], field == "cx", f"{path}.{field}", found)
-        for field in ("ue_px", "ue_pr"):
-            if isinstance(event.get(field), str):
-                self._unstruct(event[field], field == "ue_px", f"{path}.{field}", found)
+        for field in _JSON_FIELDS:
+            text = event.get(field)
+            if isinstance(text, str):
+                known = self._known_good(field, text)
+                if known is None:  # not seen, or not valid: check it, naming the paths
+                    self._json_field(field, text, f"{path}.{field}", found)
+                else:
+                    found.contexts.extend(known.contexts)
+                    found.unstruct_event = known.unstruct_event or found.unstruct_event
+                    found.unknown_schemas.extend(known.unknown_schemas)
         if event.get("e") == "ue" and "ue_px" not in event and "ue_pr" not in event:
             found.errors.append(f"{path}.e: a self-describing event (ue) needs ue_px or ue_pr")
         return found
+
+    def _json_field(self, field: str, text: str, path: str, found: Inspection) -> None:
+        if field in ("cx", "co"):
+            self._contexts(text, field == "cx", path, found)
+        else:
+            self._unstruct(text, field == "ue_px", path, found)
+
+    def _check_alone(self, field: str, text: str) -> Optional[Inspection]:
+        """The inspection of one JSON field when it is valid, else ``None``.
+
+        Wrapped in an LRU cache per checker: trackers repeat the same ``cx`` (device,
+        application contexts) on event after event, and decoding is most of the cost.
+        Cached results are shared between events and must not be mutated.
+        """
+        found = Inspection([], [], None, [])
+        self._json_field(field, text, field, found)
+        return None if found.errors else found
 
     def _wrapper(self, text: str, encoded: bool, name: str, path: str,
                  found: Inspection) -> Optional[Tuple[Optional[Validator], Any]]:

@@ -27,7 +27,7 @@ import zlib
 from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
 from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 from ..errors import ConfigError, ValidationError
@@ -73,6 +73,25 @@ class Limits:
     requests_cap: int = 1_000
 
 
+class GoodEvent(NamedTuple):
+    """A stored good event, kept as a tuple because 200,000 of them may be held:
+    ``meta`` (received_at ms, method, request_id) is one tuple shared by the events
+    of a request, and empty lists are stored as ``()``. ``to_json`` gives the API form."""
+
+    event: Dict[str, Any]
+    contexts: Sequence[Any]
+    unstruct_event: Optional[Any]
+    unknown_schemas: Sequence[str]
+    meta: Tuple[int, str, int]
+
+    def to_json(self) -> Dict[str, Any]:
+        received_at, method, request_id = self.meta
+        return {"event": self.event, "contexts": list(self.contexts),
+                "unstruct_event": self.unstruct_event,
+                "unknown_schemas": list(self.unknown_schemas),
+                "received_at": received_at, "method": method, "request_id": request_id}
+
+
 class Recorder:
     """Everything the collector has received, bounded by ``Limits``. Thread-safe: one
     lock, taken once per request."""
@@ -86,7 +105,7 @@ class Recorder:
     def reset(self) -> None:
         """Forget every event, count and request (request ids keep increasing)."""
         with self._lock:
-            self._good: Deque[Dict[str, Any]] = deque(maxlen=self.limits.good_cap)
+            self._good: Deque[GoodEvent] = deque(maxlen=self.limits.good_cap)
             self._bad: Deque[Dict[str, Any]] = deque(maxlen=self.limits.bad_cap)
             self._requests: Deque[Dict[str, Any]] = deque(maxlen=self.limits.requests_cap)
             self._eids: Dict[str, int] = {}
@@ -102,7 +121,7 @@ class Recorder:
         with self._lock:
             self._requests.append(summary)
 
-    def record(self, summary: Dict[str, Any], good: List[Dict[str, Any]],
+    def record(self, summary: Dict[str, Any], good: List[GoodEvent],
                bad: List[Dict[str, Any]]) -> None:
         """Store one request's summary and its checked events."""
         with self._lock:
@@ -113,7 +132,7 @@ class Recorder:
             self._n_bad += len(bad)
             eids = self._eids
             for record in good:
-                eid = record["event"].get("eid")
+                eid = record.event.get("eid")
                 if eid is not None:
                     eids[eid] = eids.get(eid, 0) + 1
 
@@ -133,10 +152,10 @@ class Recorder:
         with self._lock:
             found = list(self._good)
         if eid is not None:
-            found = [r for r in found if r["event"].get("eid") == eid]
+            found = [r for r in found if r.event.get("eid") == eid]
         if event_type is not None:
-            found = [r for r in found if r["event"].get("e") == event_type]
-        return _newest(found, limit)
+            found = [r for r in found if r.event.get("e") == event_type]
+        return [r.to_json() for r in _newest(found, limit)]
 
     def bad(self, limit: Optional[int] = None) -> List[Dict[str, Any]]:
         with self._lock:
@@ -147,7 +166,7 @@ class Recorder:
             return _newest(list(self._requests), limit)
 
 
-def _newest(records: List[Dict[str, Any]], limit: Optional[int]) -> List[Dict[str, Any]]:
+def _newest(records: List[Any], limit: Optional[int]) -> List[Any]:
     if limit is None:
         return records
     return records[-limit:] if limit > 0 else []
@@ -326,15 +345,16 @@ class _Handler(BaseHTTPRequestHandler):
             summary["status"] = 400
             recorder.record(summary, [], [dict(meta, errors=[problem], raw=text)])
             return 400
-        good, bad = [], []
+        good: List[GoodEvent] = []
+        bad: List[Dict[str, Any]] = []
+        shared_meta = (summary["received_at"], method, summary["request_id"])
         for i, event in enumerate(events):
             found = checker.event(event, f"data[{i}]" if method == "POST" else "query", items)
             if found.errors:
                 bad.append(dict(meta, errors=found.errors, raw=event))
             else:
-                good.append(dict(meta, event=event, contexts=found.contexts,
-                                 unstruct_event=found.unstruct_event,
-                                 unknown_schemas=found.unknown_schemas))
+                good.append(GoodEvent(event, found.contexts or (), found.unstruct_event,
+                                      found.unknown_schemas or (), shared_meta))
         summary["status"] = 200
         recorder.record(summary, good, bad)
         return 200

@@ -257,3 +257,13 @@ def test_base64url_tolerates_missing_padding_and_standard_alphabet() -> None:
         assert decode_base64url(text) == raw
     with pytest.raises(ValueError):
         decode_base64url("a")
+
+
+def test_repeated_contexts_give_the_same_answer_at_each_path() -> None:
+    checker = EventChecker(REGISTRY)  # fresh cache
+    good = _b64(_contexts(MOBILE))
+    broken = _b64(_contexts({"schema": MOBILE["schema"], "data": {}}))
+    for i in range(3):
+        assert checker.event(_event(cx=good), f"data[{i}]").contexts == [MOBILE]
+        errors = checker.event(_event(cx=broken), f"data[{i}]").errors
+        assert errors and all(e.startswith(f"data[{i}].cx.data[0].data: missing") for e in errors)
