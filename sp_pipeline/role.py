@@ -9,7 +9,11 @@ environment, so metrics record into the shared directory.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import logging
+import os
+import signal
 import sys
 
 from . import exitcodes, logs
@@ -19,12 +23,30 @@ from .errors import ConfigError
 ROLES = ("writer", "sender", "exporter")
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to send SIGTERM when the supervisor dies (even by SIGKILL), so no role
+    outlives it; a second supervisor must never find an old writer on the store."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # not Linux: the writer's store lock still prevents two writers
+    if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sp_pipeline.role")
     parser.add_argument("role", choices=ROLES)
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--settings", required=True, help="settings JSON written by the supervisor")
     args = parser.parse_args(argv)
+    supervisor = os.environ.get("SP_PIPELINE_SUPERVISOR_PID", "")
+    if supervisor.isdigit():
+        die_with_parent(int(supervisor))
     try:
         with open(args.settings) as fh:
             settings = Settings.from_json(fh.read())

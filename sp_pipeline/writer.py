@@ -480,10 +480,14 @@ def run(settings: Settings) -> int:
     """Entry point of the writer role. Returns an exit code (``exitcodes``)."""
     from .store import open_store
 
+    lock_fd = _lock_store(settings.store)
+    if lock_fd is None:
+        return exitcodes.BOOT_ERROR
     try:
         store = open_store(settings)
     except StoreError as exc:
         log.error("%s", exc)
+        os.close(lock_fd)
         return exitcodes.STORE_ERROR
     ctx = zmq.Context()
     writer = Writer(settings, store, ctx)
@@ -510,3 +514,32 @@ def run(settings: Settings) -> int:
         writer.close()
         store.close()
         ctx.term()
+        os.close(lock_fd)
+
+
+_STORE_LOCK_WAIT_SECONDS = 5.0
+
+
+def _lock_store(path: str) -> Optional[int]:
+    """Hold ``PATH.lock`` (flock) for the writer's lifetime: one writer per store, even
+    across supervisors (DESIGN invariant 1). Waits a little for a previous writer that
+    is still draining; returns None (logged) if it stays taken."""
+    import fcntl
+
+    lock_path = os.path.abspath(path) + ".lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        log.error("cannot create the store lock %s: %s", lock_path, exc.strerror)
+        return None
+    deadline = time.monotonic() + _STORE_LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError:
+            if time.monotonic() >= deadline:
+                log.error("another writer holds %s: refusing to open the store twice", lock_path)
+                os.close(fd)
+                return None
+            time.sleep(0.05)

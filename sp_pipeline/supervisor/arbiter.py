@@ -97,6 +97,7 @@ class Arbiter:
     def _env(self) -> Dict[str, str]:
         env = dict(os.environ)
         env["PROMETHEUS_MULTIPROC_DIR"] = self.s.metrics_dir
+        env["SP_PIPELINE_SUPERVISOR_PID"] = str(os.getpid())
         return env
 
     def _build_children(self, settings_path: str) -> None:
