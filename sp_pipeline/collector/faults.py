@@ -22,7 +22,7 @@ import dataclasses
 import random
 import threading
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from ..errors import ValidationError
 
@@ -91,14 +91,14 @@ class Faults:
         Raises ``ValidationError`` naming an unknown or invalid field.
         """
         names = {f.name: f for f in dataclasses.fields(self)}
-        values = {}
+        values: Dict[str, Any] = {}
         for key, value in changes.items():
             if key not in names:
                 raise ValidationError(key, f"unknown fault; known: {', '.join(sorted(names))}")
             values[key] = names[key].default if value is None else value
         return dataclasses.replace(self, **values)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
 

@@ -88,8 +88,8 @@ def _json_equal(a: Any, b: Any) -> bool:
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b))
     if _is_number(a) and _is_number(b):
-        return a == b
-    return type(a) is type(b) and a == b
+        return bool(a == b)
+    return type(a) is type(b) and bool(a == b)
 
 
 _EXACT_TYPES: Dict[str, Tuple[type, ...]] = {
@@ -490,7 +490,7 @@ class EventChecker:
                 found.errors.append(f'{path}: must be a self-describing JSON {{"schema", "data"}}')
             return
         uri = entity.get("schema")
-        if parse_iglu_uri(uri) is None:
+        if not isinstance(uri, str) or parse_iglu_uri(uri) is None:
             if not checked:  # otherwise the wrapper schema's pattern already said so
                 found.errors.append(f"{path}.schema: must be an Iglu URI")
             return

@@ -27,7 +27,7 @@ import zlib
 from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Deque, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 from ..errors import ConfigError, ValidationError
@@ -186,7 +186,7 @@ class _Server(ThreadingHTTPServer):
         self.injector = injector
         self.checker = checker
         self.stopping = threading.Event()
-        self.connections: set = set()
+        self.connections: Set[socket.socket] = set()
         self.connections_lock = threading.Lock()
         super().__init__(address, _Handler)
 
@@ -243,11 +243,18 @@ class _Handler(BaseHTTPRequestHandler):
     # -- I/O --
 
     def _read_body(self) -> Optional[bytes]:
-        """The request body; ``None`` when an answer was already sent (411/413)."""
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        """The request body; ``None`` when an answer was already sent (411/400/413).
+        No ``Content-Length`` means an empty body (``curl -XPOST .../micro/reset``);
+        chunked bodies are not supported (trackers send a length)."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
-            self._send(411, b"Content-Length required\n", "text/plain")
+            self._send(411, b"Content-Length required (chunked bodies not supported)\n",
+                       "text/plain")
+            return None
+        length = self.headers.get("Content-Length", "0").strip()
+        if not length.isdigit():
+            self.close_connection = True
+            self._send(400, b"invalid Content-Length\n", "text/plain")
             return None
         size = int(length)
         if size > MAX_READ_BYTES:

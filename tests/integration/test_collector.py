@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -279,3 +278,14 @@ def test_runs_as_a_process_and_stops_on_sigterm(tmp_path: Any, http: urllib3.Poo
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_reset_without_a_body_and_unknown_paths(http: urllib3.PoolManager, collector: Collector) -> None:
+    post(http, collector, envelope(event()))
+    r = http.request("POST", collector.url + "/micro/reset")  # no Content-Length, like curl -XPOST
+    assert r.status == 200 and collector.counts()["total"] == 0
+    assert http.request("GET", collector.url + "/nope").status == 404
+    assert http.request("GET", collector.url + "/micro/good?limit=x").status == 400
+    r = http.request("POST", collector.url + TP2, body=iter([envelope(event())]),
+                     chunked=True)
+    assert r.status == 411
