@@ -7,8 +7,8 @@ senders can be tested against a bad collector. See ``docs/collector.md``.
 Entry points: ``run()`` (foreground process), ``Collector`` (in-process, for tests),
 ``add_arguments()``/``main()`` (for ``cli.py``).
 
-Exit codes of ``run``/``main``: 0 stopped by SIGTERM/SIGINT, 1 could not bind,
-2 invalid options.
+Exit codes of ``run``/``main`` (``sp_pipeline.exitcodes``): ``OK`` stopped by SIGTERM
+or SIGINT, ``BOOT_ERROR`` could not bind the port, ``CONFIG_ERROR`` invalid options.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import signal
 import threading
 from typing import Any, Optional
 
+from .. import exitcodes, logs
 from ..errors import ConfigError, ValidationError
 from .faults import Faults
 from .server import Collector, Limits
@@ -47,10 +48,10 @@ def run(host: str = "127.0.0.1", port: int = 9095, *, faults: Optional[Faults] =
         collector.start()
     except (ConfigError, ValidationError) as exc:
         log.error("collector: %s", exc)
-        return 2
+        return exitcodes.CONFIG_ERROR
     except OSError as exc:
         log.error("collector: cannot listen on %s:%s: %s", host, port, exc)
-        return 1
+        return exitcodes.BOOT_ERROR
     stop = threading.Event()
     # Handlers only record the request; the loop below acts on it.
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
@@ -66,7 +67,7 @@ def run(host: str = "127.0.0.1", port: int = 9095, *, faults: Optional[Faults] =
             signal.signal(sig, handler)
         collector.stop()
     log.info("collector stopped; counts: %s", collector.counts())
-    return 0
+    return exitcodes.OK
 
 
 def _write_atomically(path: str, text: str) -> None:
@@ -104,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the collector from parsed ``add_arguments`` flags; the exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logs.setup("collector")
     try:
         faults = Faults(status=args.status, fail_rate=args.fail_rate,
                         fail_status=args.fail_status, delay_ms=args.delay_ms,
@@ -113,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
         limits = _limits(args)
     except ValidationError as exc:
         log.error("collector: --%s", str(exc).replace("_", "-"))
-        return 2
+        return exitcodes.CONFIG_ERROR
     return run(args.host, args.port, faults=faults, allow_remote=args.allow_remote,
                ready_file=args.ready_file, limits=limits)
 

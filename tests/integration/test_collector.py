@@ -17,7 +17,8 @@ from typing import Any, Callable, Dict, Iterator, List
 import pytest
 import urllib3
 
-from sp_pipeline.collector import Collector, Limits
+from sp_pipeline import exitcodes
+from sp_pipeline.collector import Collector, Limits, run
 from sp_pipeline.errors import ConfigError, ValidationError
 
 pytestmark = pytest.mark.integration
@@ -289,3 +290,12 @@ def test_reset_without_a_body_and_unknown_paths(http: urllib3.PoolManager, colle
     r = http.request("POST", collector.url + TP2, body=iter([envelope(event())]),
                      chunked=True)
     assert r.status == 411
+
+
+def test_exit_codes_for_a_taken_port_and_a_bad_option(collector: Collector) -> None:
+    assert run(port=collector.port) == exitcodes.BOOT_ERROR
+    cli = "import sys; from sp_pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", cli, "collector", "--port", "0",
+                           "--fail-rate", "1.5"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == exitcodes.CONFIG_ERROR
+    assert "--fail-rate" in done.stderr
