@@ -21,6 +21,7 @@ import json
 import logging
 import socket
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -189,6 +190,14 @@ class _Server(ThreadingHTTPServer):
         self.connections: Set[socket.socket] = set()
         self.connections_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up (or a stop() that hangs up on it) is routine."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            log.debug("connection from %s ended: %s", client_address, exc)
+        else:
+            log.exception("request from %s failed", client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
