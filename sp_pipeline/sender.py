@@ -115,6 +115,8 @@ class Sender:
         self.pause = Pause(self.policy, random.Random())
         self.stop = threading.Event()
         self.m = metrics
+        for outcome in ("delivered", "retried", "dead_lettered"):
+            metrics.SENDER_EVENTS.labels(outcome)  # series exist (at 0) from the start
 
     def run_thread(self) -> None:
         lc = LeaseClient(self.ctx, self.s.lease_endpoint)

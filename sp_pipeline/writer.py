@@ -442,6 +442,8 @@ class _Metrics:
     def __init__(self) -> None:
         from . import metrics as m
         self.m = m
+        m.INGEST_EVENTS.labels("stored")  # series exist (at 0) from the start
+        m.INGEST_FRAMES.labels("accepted")
 
     def frames(self, outcome: str, events: int, dropped: int = 0) -> None:
         self.m.INGEST_FRAMES.labels(outcome).inc()

@@ -108,6 +108,11 @@ class Arbiter:
                 role=role, index=index, command=child_command(role, index, settings_path),
                 env=env, policy=self.policy, clock=self.clock,
             ))
+        from .. import metrics
+
+        for role in {c.role for c in self.children}:
+            # Create each series at 0: increase() cannot see a series' first increment.
+            metrics.PROCESS_RESTARTS.labels(role)
 
     def _record_signal(self, signum: int, frame) -> None:
         self.signals.append(signum)
@@ -211,6 +216,11 @@ class Arbiter:
             self._wait(0.02)
 
     def _write_state(self) -> None:
+        from .. import metrics
+
+        for role in {c.role for c in self.children}:
+            metrics.PROCESS_UP.labels(role).set(
+                sum(1 for c in self.children if c.role == role and c.running()))
         state = {
             "supervisor_pid": os.getpid(),
             "children": [
