@@ -66,6 +66,7 @@ class Writer:
         # Open-transaction state.
         self._txn_started: Optional[float] = None
         self._txn_events = 0
+        self._txn_payloads: List[bytes] = []
         self._txn_producers: Dict[bytes, int] = {}  # producer -> expected when first touched
         self._acks: Dict[bytes, List[int]] = collections.defaultdict(list)
         self._replies: List[Tuple[bytes, bytes]] = []  # (routing id, frame) on lease socket
@@ -197,7 +198,7 @@ class Writer:
     def _has_room(self) -> bool:
         if self.clock() < self._full_until:
             return False
-        return self.s.when_full != "block" or self.store.has_room(1, 1)
+        return self.s.when_full != "block" or self.store.has_room(len(self._txn_payloads) + 1, 1)
 
     def _disk_full(self, exc: StoreFull) -> None:
         """The disk (or SQLite's page limit) is full: the store rolled the transaction
@@ -214,9 +215,19 @@ class Writer:
             self.store.begin()
             self._txn_started = self.clock()
 
+    def _insert_pending(self, now: float) -> None:
+        """Insert the events read so far in this transaction, in one statement batch
+        (a per-frame insert costs more than the event's own work)."""
+        if self._txn_payloads:
+            result = self.store.enqueue(self._txn_payloads, now)
+            self._txn_payloads = []
+            if result.dropped:
+                self._metrics.dropped(result.dropped)
+
     def _commit(self, now: float) -> None:
         started = time.perf_counter()
         try:
+            self._insert_pending(now)
             for pid in self._txn_producers:
                 self.store.set_producer_seq(pid, self.sequencer.last_consumed(pid), now)
             self.store.commit()
@@ -227,6 +238,7 @@ class Writer:
             self._abort(f"commit failed, transaction rolled back: {exc}")
             return
         self._metrics.commit(time.perf_counter() - started, self._txn_events)
+        self._metrics.publish()
         for routing_id, seqs in self._acks.items():
             self._producer_replies.append((routing_id, wire.encode_ack(merge_ranges(seqs))))
         self._send_replies()
@@ -247,6 +259,7 @@ class Writer:
         self._reset_txn()
 
     def _reset_txn(self) -> None:
+        self._txn_payloads = []
         self._txn_started = None
         self._txn_events = 0
         self._txn_producers = {}
@@ -298,10 +311,10 @@ class Writer:
         except FrameError as exc:
             self._reject_frame(f.seq, routing_id, exc.reason, str(exc), len(f.events))
             return
-        result = self.store.enqueue(f.events, now)
+        self._txn_payloads.extend(f.events)
         self._txn_events += len(f.events)
         self._acks[routing_id].append(f.seq)
-        self._metrics.frames("accepted", len(f.events), dropped=result.dropped)
+        self._metrics.frames("accepted", len(f.events))
         self.totals["ingested"] += len(f.events)
 
     def _reject_frame(self, seq: Optional[int], routing_id: bytes, reason: str, detail: str,
@@ -347,6 +360,7 @@ class Writer:
 
     def _lease(self, routing_id: bytes, req_id: int, max_events: int, max_bytes: int,
                now: float) -> bool:
+        self._insert_pending(now)  # a lease sees the events read before it
         lease_id = self._next_lease_id
         self._next_lease_id = (self._next_lease_id + 1) & 0x7FFFFFFF or 1
         rows = self.store.lease(lease_id, max(1, min(max_events, 10_000)), max(1, max_bytes),
@@ -413,6 +427,7 @@ class Writer:
 
     def _housekeeping(self, now: float) -> None:
         self._last_housekeeping = now
+        self._metrics.publish()  # rejects outside any transaction
         self._history.append((now, self.totals["ingested"], self.totals["delivered"]))
         self._metrics.store_stats(self.store.stats(now), now, self.store.wal_bytes())
         evicted = getattr(self.store, "dead_letters_evicted", 0)
@@ -444,14 +459,27 @@ class _Metrics:
         self.m = m
         m.INGEST_EVENTS.labels("stored")  # series exist (at 0) from the start
         m.INGEST_FRAMES.labels("accepted")
+        self._frames: collections.Counter = collections.Counter()
+        self._events: collections.Counter = collections.Counter()
 
-    def frames(self, outcome: str, events: int, dropped: int = 0) -> None:
-        self.m.INGEST_FRAMES.labels(outcome).inc()
+    def frames(self, outcome: str, events: int) -> None:
+        """Counted locally; ``publish()`` (after each commit) writes the sums: a metric
+        update per frame would cost as much as storing the event."""
+        self._frames[outcome] += 1
         if events:
-            self.m.INGEST_EVENTS.labels("stored" if outcome == "accepted" else outcome).inc(events)
-        if dropped:
-            self.m.INGEST_EVENTS.labels("dropped_oldest").inc(dropped)
-            self.m.STORE_DEAD_LETTERED.labels("store_full").inc(dropped)
+            self._events["stored" if outcome == "accepted" else outcome] += events
+
+    def publish(self) -> None:
+        for outcome, n in self._frames.items():
+            self.m.INGEST_FRAMES.labels(outcome).inc(n)
+        for outcome, n in self._events.items():
+            self.m.INGEST_EVENTS.labels(outcome).inc(n)
+        self._frames.clear()
+        self._events.clear()
+
+    def dropped(self, n: int) -> None:
+        self._events["dropped_oldest"] += n
+        self.m.STORE_DEAD_LETTERED.labels("store_full").inc(n)
 
     def commit(self, seconds: float, events: int) -> None:
         self.m.STORE_COMMIT_SECONDS.observe(seconds)

@@ -69,7 +69,7 @@ class Limits:
     eid tally keep counting everything (the eid tally is not capped: about 100 bytes
     per distinct eid)."""
 
-    good_cap: int = 200_000
+    good_cap: int = 20_000
     bad_cap: int = 10_000
     requests_cap: int = 1_000
 
