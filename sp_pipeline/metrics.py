@@ -121,3 +121,29 @@ PROCESS_UP = Gauge(
     "sp_pipeline_process_up", "Running child processes by role.", ["role"],
     multiprocess_mode="livesum",
 )
+
+
+def observe_many(histogram: Histogram, values: "list[float]") -> None:
+    """Observe many values with one update per bucket instead of one per value.
+
+    A sender delivers hundreds of events per request; per-event ``observe()`` calls in
+    multiprocess mode cost as much as the rest of the request's bookkeeping. This uses
+    the histogram's bucket layout (``_upper_bounds``, ``_buckets``, ``_sum``), falling
+    back to plain ``observe()`` if a prometheus-client release changes it.
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for v in values:
+            histogram.observe(v)
+        return
+    from bisect import bisect_left
+
+    counts = [0] * len(bounds)
+    for v in values:
+        counts[bisect_left(bounds, v)] += 1  # first bound >= v, as observe() does
+    for i, n in enumerate(counts):
+        if n:
+            buckets[i].inc(n)
+    total.inc(sum(values))
