@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--ids", default="", help="comma-separated ids (default: all)")
     p.add_argument("--json", action="store_true")
+    sub.add_parser("curve-keypair", help="print a new CURVE key pair (Z85) for tcp ingest")
     from .collector import add_arguments as collector_arguments
     p = sub.add_parser("collector", help="run a local development collector")
     collector_arguments(p)
@@ -56,6 +57,12 @@ def _load(args: argparse.Namespace) -> config.Settings:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "curve-keypair":
+        from .curve import keypair
+
+        public, secret = keypair()
+        print(f"public {public}\nsecret {secret}")
+        return exitcodes.OK
     if args.command == "collector":
         from .collector import main as collector_main
         return collector_main(args)

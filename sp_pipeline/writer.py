@@ -27,7 +27,7 @@ import zmq
 
 from . import exitcodes, wire
 from .config import Settings
-from .errors import FrameError, StoreError, StoreFull
+from .errors import ConfigError, FrameError, StoreError, StoreFull
 from .ingest import DUPLICATE, EARLY, NEXT, Sequencer, merge_ranges
 from .logs import RateLimited
 from .payload import check_event_json
@@ -76,6 +76,9 @@ class Writer:
         self._last_housekeeping = 0.0
         self._full_until = 0.0
         self._max_frame = settings.max_event_bytes * 4 + (1 << 20)
+        self.authenticator = None
+        self.ingest: Optional[zmq.Socket] = None
+        self.lease: Optional[zmq.Socket] = None
         self.totals = collections.Counter()
         self._history: Deque[Tuple[float, int, int]] = collections.deque(maxlen=61)
 
@@ -88,7 +91,11 @@ class Writer:
         self.ingest.setsockopt(zmq.RCVHWM, 10_000)
         self.ingest.setsockopt(zmq.ROUTER_MANDATORY, 0)
         if self.s.ingest_curve_secret_key:
-            _enable_curve_server(self.ingest, self.s.ingest_curve_secret_key)
+            from .curve import secure_server
+
+            self.authenticator = secure_server(self.ctx, self.ingest,
+                                               self.s.ingest_curve_secret_key,
+                                               self.s.ingest_curve_client_keys)
         self.ingest.bind(self.s.ingest_endpoint)
         self.lease = self.ctx.socket(zmq.ROUTER)
         self.lease.setsockopt(zmq.LINGER, 0)
@@ -100,7 +107,10 @@ class Writer:
 
     def close(self) -> None:
         for sock in (self.ingest, self.lease):
-            sock.close(linger=0)
+            if sock is not None:
+                sock.close(linger=0)
+        if self.authenticator is not None:
+            self.authenticator.stop()
 
     # ------------------------------------------------------------------ loop
 
@@ -446,11 +456,6 @@ def _empty_batch(req_id: int) -> bytes:
     return wire.encode_reply(wire.OP_BATCH, req_id, 0, [])
 
 
-def _enable_curve_server(sock: zmq.Socket, secret_key: str) -> None:
-    sock.curve_server = True
-    sock.curve_secretkey = secret_key.encode()
-
-
 class _Metrics:
     """The writer's metric updates, kept out of the loop's way."""
 
@@ -524,37 +529,47 @@ def run(settings: Settings) -> int:
     if lock_fd is None:
         return exitcodes.BOOT_ERROR
     try:
-        store = open_store(settings)
-    except StoreError as exc:
-        log.error("%s", exc)
+        try:
+            store = open_store(settings)
+        except StoreError as exc:
+            log.error("%s", exc)
+            return exitcodes.STORE_ERROR
+        try:
+            return _serve(settings, store)
+        finally:
+            store.close()
+    finally:
         os.close(lock_fd)
-        return exitcodes.STORE_ERROR
+
+
+def _serve(settings: Settings, store: Store) -> int:
     ctx = zmq.Context()
     writer = Writer(settings, store, ctx)
     try:
-        writer.bind()
-    except zmq.ZMQError as exc:
-        log.error("cannot bind %s or %s: %s", settings.ingest_endpoint, settings.lease_endpoint, exc)
-        store.close()
-        ctx.term()
-        return exitcodes.BOOT_ERROR
+        try:
+            writer.bind()
+        except ConfigError as exc:
+            log.error("%s", exc)
+            return exitcodes.CONFIG_ERROR
+        except zmq.ZMQError as exc:
+            log.error("cannot bind %s or %s: %s", settings.ingest_endpoint,
+                      settings.lease_endpoint, exc)
+            return exitcodes.BOOT_ERROR
 
-    def on_signal(signum, frame):  # record only; the loop acts
-        writer.stopping = True
+        def on_signal(signum, frame):  # record only; the loop acts
+            writer.stopping = True
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    log.info("writer ready: ingest %s, store %s", settings.ingest_endpoint, settings.store)
-    try:
-        return writer.run()
-    except StoreError as exc:
-        log.error("store failed: %s", exc)
-        return exitcodes.STORE_ERROR
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        log.info("writer ready: ingest %s, store %s", settings.ingest_endpoint, settings.store)
+        try:
+            return writer.run()
+        except StoreError as exc:
+            log.error("store failed: %s", exc)
+            return exitcodes.STORE_ERROR
     finally:
         writer.close()
-        store.close()
         ctx.term()
-        os.close(lock_fd)
 
 
 _STORE_LOCK_WAIT_SECONDS = 5.0
