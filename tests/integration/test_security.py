@@ -131,7 +131,7 @@ def test_event_contents_never_reach_the_log(writer_dir):  # noqa: F811
     sock.connect(w.ingest)
     bad = [
         ('{"e":"se","p":"srv","tv":"t","nope":"%s"}' % secret).encode(),  # unknown key
-        ('{"e":"se","p":"srv","tv":"t","se_la":%s}' % "1" * 3).encode(),  # not a string
+        b'{"e":"se","p":"srv","tv":"t","se_la":111}',  # not a string
         ('{"e":"se","p":"srv","tv":"t","se_la":"%s"' % secret).encode(),  # not JSON
     ]
     for seq, ev in enumerate(bad, 1):
