@@ -17,7 +17,7 @@ import socket
 import statistics
 import sys
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
@@ -124,17 +124,32 @@ def rss_mb(pid: int) -> Optional[float]:
     return None
 
 
-def role_rss(pipeline: Any) -> Dict[str, float]:
-    """MB resident per role of a running ``sp_pipeline.testing.Pipeline``: ``writer``,
-    ``sender`` (all senders summed), ``exporter``, ``supervisor``, and ``total``."""
+def pss_mb(pid: int) -> Optional[float]:
+    """Proportional set size of ``pid`` in MB (``Pss`` of /proc/PID/smaps_rollup): shared
+    pages (the interpreter, libzmq, libsqlite) divided among the processes sharing them."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def role_rss(pipeline: Any, measure: Callable[[int], Optional[float]] = rss_mb
+             ) -> Dict[str, float]:
+    """MB per role of a running ``sp_pipeline.testing.Pipeline`` (``measure``: ``rss_mb``
+    or ``pss_mb``): ``writer``, ``sender`` (all senders summed), ``exporter``,
+    ``supervisor``, and ``total``."""
     out: Dict[str, float] = {}
     for child in pipeline.children():
         if child.get("pid"):
-            mb = rss_mb(child["pid"])
+            mb = measure(child["pid"])
             if mb is not None:
                 out[child["role"]] = out.get(child["role"], 0.0) + mb
     sup = pipeline.supervisor_pid()
-    mb = rss_mb(sup) if sup else None
+    mb = measure(sup) if sup else None
     if mb is not None:
         out["supervisor"] = mb
     out["total"] = sum(out.values())
