@@ -86,10 +86,7 @@ def cmd_start(settings: config.Settings, args: argparse.Namespace) -> int:
     from .supervisor.arbiter import start
 
     logs.setup("supervisor", settings.log_format, settings.log_level)
-    code = _preflight(settings)
-    if code:
-        return code
-    return start(settings)
+    return start(settings, preflight=_preflight)
 
 
 def _preflight(settings: config.Settings) -> int:

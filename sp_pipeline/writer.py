@@ -116,6 +116,7 @@ class Writer:
 
     def run(self) -> int:
         freed = self.store.clear_leases()
+        self.store.commit()  # visible now, and the write lock is not held while idle
         if freed:
             log.info("freed %d events leased before the last stop", freed)
         self._housekeeping(self.clock())

@@ -38,11 +38,15 @@ class AlreadyRunning(Exception):
 
 
 def prepare_run_dir(settings: Settings) -> None:
-    """Create the run directory 0700 (and tighten it if it exists) and a clean
-    prometheus multiprocess directory."""
+    """Create the run directory 0700 (and tighten it if it exists)."""
     run_dir = os.path.abspath(settings.run_dir)
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     os.chmod(run_dir, 0o700)
+
+
+def reset_metrics_dir(settings: Settings) -> None:
+    """A clean prometheus multiprocess directory; only once the pidfile is ours, so a
+    refused second start never touches a running pipeline's files."""
     shutil.rmtree(settings.metrics_dir, ignore_errors=True)
     os.makedirs(settings.metrics_dir, mode=0o700)
 
@@ -246,8 +250,11 @@ def _mark_dead(pid: Optional[int]) -> None:
         pass
 
 
-def start(settings: Settings) -> int:
-    """``sp-pipeline start``: run the service in the foreground; returns an exit code."""
+def start(settings: Settings, preflight: Optional[Callable[[Settings], int]] = None) -> int:
+    """``sp-pipeline start``: run the service in the foreground; returns an exit code.
+
+    Order matters: run directory, pidfile lock (a second start stops here), then
+    ``preflight`` (checks that may open the store), then a fresh metrics directory."""
     try:
         prepare_run_dir(settings)
     except OSError as exc:
@@ -259,8 +266,12 @@ def start(settings: Settings) -> int:
         log.error("another sp-pipeline (pid %s) is running with run directory %s",
                   read_pid(settings.pidfile), settings.run_dir)
         return exitcodes.ALREADY_RUNNING
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = settings.metrics_dir
     try:
+        code = preflight(settings) if preflight is not None else exitcodes.OK
+        if code != exitcodes.OK:
+            return code
+        reset_metrics_dir(settings)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = settings.metrics_dir
         return Arbiter(settings).run()
     finally:
         try:

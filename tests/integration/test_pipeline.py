@@ -241,11 +241,6 @@ def test_second_start_on_the_same_run_dir_refuses_with_4(short_dir):
         assert pipeline.stop() == exitcodes.OK
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "supervisor.arbiter.start() runs prepare_run_dir() (rmtree of RUN_DIR/metrics) before "
-    "lock_pidfile(), and cli.cmd_start() opens the store for writing (preflight) before "
-    "either: a refused second start wipes the running pipeline's metrics files. Fix: take "
-    "the pidfile lock first, then reset the metrics dir, then preflight."))
 def test_second_start_leaves_the_running_pipelines_metrics_alone(short_dir):
     with LocalCollector(short_dir) as collector, \
             Pipeline(short_dir, collector.url, *FAST) as pipeline:

@@ -306,10 +306,6 @@ def test_kill9_during_load_loses_nothing_confirmed_and_stores_nothing_twice(writ
     assert sum(r["resent"] for r in results) > 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "writer.run() calls store.clear_leases() and never commits it: the freed leases stay "
-    "in an open transaction until the first producer/sender traffic, and are rolled back "
-    "on a stop without traffic. Fix: self.store.commit() right after clear_leases()."))
 def test_leases_of_a_killed_writer_are_freed_by_the_next(writer_dir):
     w = writer_dir().start()
     with Client(w.ingest, namespace="lease") as client:
