@@ -137,7 +137,7 @@ def chart(replay: Optional[dict], sustained: Optional[dict], path: str) -> Optio
     mx = (sustained or {}).get("phases", {}).get("max", {}).get("delivered_events_per_s")
     if mx:
         ax1.axhline(mx, color="#2ca02c", ls="--", label=f"sp-pipeline sustained {mx:,.0f}/s")
-        ax1.legend(loc="upper right")
+        ax1.legend(loc="center right")
     ax1.set_title(f"throughput: {replay['payloads']:,} events to the collector\n"
                   "(first track() -> all arrived; median of runs)")
     ax1.set_ylabel("events / s")
