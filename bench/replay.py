@@ -33,13 +33,12 @@ import argparse
 import logging
 import multiprocessing as mp
 import os
-import statistics
 import sys
 import tempfile
 import threading
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
