@@ -361,7 +361,7 @@ class Writer:
             n = self.store.ack(lease_id, ids)
             self.totals["delivered"] += n
         elif op == wire.OP_RELEASE:
-            retry_at_ms, _status = args[2], args[3]
+            retry_at_ms = args[2]
             n = self.store.release(lease_id, ids, retry_at_ms / 1000, now)
         else:
             reason, status = str(args[2]), int(args[3]) if type(args[3]) is int else 0

@@ -8,6 +8,8 @@ import tempfile
 
 import pytest
 
+from tests.writer_process import WriterProcess, _killpg
+
 
 @pytest.fixture
 def short_dir():
@@ -20,3 +22,20 @@ def short_dir():
 @pytest.fixture
 def ipc_endpoint(short_dir):
     return f"ipc://{os.path.join(short_dir, 'ingest.sock')}"
+
+
+@pytest.fixture
+def writer_dir(short_dir):
+    """A short work directory; every writer started in it is reaped afterwards."""
+    started: list = []
+
+    def make(**overrides: object) -> WriterProcess:
+        w = WriterProcess(short_dir, **overrides)
+        started.append(w)
+        return w
+
+    yield make
+    for w in started:
+        if w.proc is not None:
+            _killpg(w.proc.pid)
+            w.proc.wait(10)

@@ -15,7 +15,7 @@ import pytest
 from sp_pipeline import Client
 from sp_pipeline.errors import FlushTimeout
 from sp_pipeline.events import StructuredEvent
-from tests.integration.test_writer import WriterProcess, _killpg
+from tests.writer_process import WriterProcess, _killpg
 
 pytestmark = pytest.mark.integration
 

@@ -26,7 +26,7 @@ from sp_pipeline.events import StructuredEvent
 from sp_pipeline.store import open_readonly
 from sp_pipeline.testing import LocalCollector, Pipeline, wait_until
 
-from .test_writer import read_metric
+from tests.writer_process import read_metric
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ from sp_pipeline import Client
 from sp_pipeline.curve import keypair, public_key
 from sp_pipeline.errors import FlushTimeout
 from sp_pipeline.events import StructuredEvent
-from tests.integration.test_writer import count_rows, writer_dir  # noqa: F401 (fixture)
+from tests.writer_process import count_rows
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def curve_writer(writer_dir, short_dir):  # noqa: F811
+def curve_writer(writer_dir, short_dir):
     server_public, server_secret = keypair()
     allowed_public, allowed_secret = keypair()
     keys_file = os.path.join(short_dir, "producers.keys")
@@ -63,7 +63,7 @@ def test_curve_admits_the_listed_producer_only(curve_writer):
     assert "not allowed" in writer.log()
 
 
-def test_a_bad_client_key_file_stops_the_writer_with_a_config_error(writer_dir, short_dir):  # noqa: F811
+def test_a_bad_client_key_file_stops_the_writer_with_a_config_error(writer_dir, short_dir):
     bad = os.path.join(short_dir, "bad.keys")
     with open(bad, "w") as fh:
         fh.write("too-short\n")
@@ -85,13 +85,13 @@ def test_tcp_ingest_on_a_public_address_is_refused_unless_allowed():
     assert out.returncode == 0, out.stderr
 
 
-def test_run_directory_is_private_and_the_socket_lives_inside(writer_dir):  # noqa: F811
+def test_run_directory_is_private_and_the_socket_lives_inside(writer_dir):
     w = writer_dir().start()
     run_dir = os.path.dirname(w.ingest[len("ipc://"):])
     assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700
 
 
-def test_other_users_cannot_reach_the_ipc_socket(writer_dir):  # noqa: F811
+def test_other_users_cannot_reach_the_ipc_socket(writer_dir):
     if os.geteuid() != 0:
         pytest.skip("needs root to become another user")
     w = writer_dir().start()
@@ -116,7 +116,7 @@ def test_other_users_cannot_reach_the_ipc_socket(writer_dir):  # noqa: F811
     assert count_rows(w.store) == 0
 
 
-def test_event_contents_never_reach_the_log(writer_dir):  # noqa: F811
+def test_event_contents_never_reach_the_log(writer_dir):
     import zmq
 
     from sp_pipeline import wire

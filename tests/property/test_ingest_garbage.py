@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import shutil
 import tempfile
 from typing import Counter, Iterator, List
@@ -24,7 +23,7 @@ from hypothesis import strategies as st
 from sp_pipeline import Client, wire
 from sp_pipeline.events import StructuredEvent
 from sp_pipeline.testing import wait_until
-from tests.integration.test_writer import WriterProcess, _killpg, read_metric, ro_connect, valid_event
+from tests.writer_process import WriterProcess, _killpg, read_metric, ro_connect, valid_event
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from email.utils import format_datetime
 from datetime import datetime, timezone
 
