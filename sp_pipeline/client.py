@@ -164,9 +164,10 @@ class Client:
                         f"the writer at {self.endpoint}; the buffer holds "
                         f"{self._max_events} events / {self._max_bytes} bytes"
                     )
+            base = self._lowest_pending()  # before this frame's seq exists
             self._seq += 1
             seq = self._seq
-            base = next(iter(self._pending), seq)
+            base = base or seq
             try:
                 sock.send(wire.encode_events(self._producer_id, seq, base, data), zmq.NOBLOCK)
             except zmq.Again:
@@ -198,7 +199,7 @@ class Client:
                 if self._rejections:
                     rejections, self._rejections = self._rejections, {}
                     raise EventsRejected(rejections)
-                first = next(iter(self._pending), None)
+                first = self._lowest_pending()
                 if first is None or first > target:
                     return
                 now = time.monotonic()
@@ -248,12 +249,22 @@ class Client:
         self._sock: Optional[zmq.Socket] = None
         self._producer_id = os.urandom(wire.PRODUCER_ID_BYTES)
         self._seq = 0
+        self._low = 1  # no pending seq is below this
         self._pending: Dict[int, List[bytes]] = {}
         self._pending_events = 0
         self._pending_bytes = 0
         self._rejections: Dict[int, str] = {}
         self._tracks = 0
         self._last_progress = time.monotonic()
+
+    def _lowest_pending(self) -> Optional[int]:
+        """The lowest unconfirmed seq, or None. ``next(iter(dict))`` would be O(n) here:
+        confirmations delete from the front and the dict skips its dead slots one by one."""
+        low, pending, last = self._low, self._pending, self._seq
+        while low <= last and low not in pending:
+            low += 1
+        self._low = low
+        return low if low <= last else None
 
     def _reset_after_fork(self) -> None:
         # The parent's socket and context must not be touched in the child; drop them.
@@ -321,7 +332,7 @@ class Client:
     def _resend(self, sock: zmq.Socket, from_seq: int, to_seq: int) -> None:
         """Send pending frames from ``from_seq`` to ``to_seq`` again, in order, each
         carrying the current base so a restarted writer knows where we stand."""
-        base = next(iter(self._pending), None)
+        base = self._lowest_pending()
         if base is None:
             return
         for seq, events in list(self._pending.items()):
