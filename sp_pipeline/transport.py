@@ -165,16 +165,34 @@ class Transport:
     ) -> Response:
         sent = len(body) if body is not None else 0
         start = self._clock()
-        try:
-            # preload_content reads the whole (small) answer, which returns the
-            # connection to the pool for keep-alive reuse.
-            r = self._pool.request(
-                method, url, body=body, headers=headers,
-                retries=False, redirect=False, preload_content=True,
-            )
-        except (u3.HTTPError, OSError) as exc:
-            return Response(None, None, _describe(exc), self._clock() - start, sent)
-        return Response(r.status, r.headers.get("Retry-After"), None, self._clock() - start, sent)
+        for attempt in (1, 2):
+            try:
+                # preload_content reads the whole (small) answer, which returns the
+                # connection to the pool for keep-alive reuse.
+                r = self._pool.request(
+                    method, url, body=body, headers=headers,
+                    retries=False, redirect=False, preload_content=True,
+                )
+            except (u3.HTTPError, OSError) as exc:
+                if attempt == 1 and _stale_keep_alive(exc):
+                    # The collector closed an idle pooled connection as we reused it:
+                    # no answer was started, so try once more on a fresh connection
+                    # (at worst a duplicate, which at-least-once delivery allows).
+                    continue
+                return Response(None, None, _describe(exc), self._clock() - start, sent)
+            return Response(r.status, r.headers.get("Retry-After"), None,
+                            self._clock() - start, sent)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _stale_keep_alive(exc: BaseException) -> bool:
+    """A reused connection that the server had already closed: closed or reset before
+    any byte of an answer arrived."""
+    import http.client
+
+    reason = exc.args[1] if isinstance(exc, u3.ProtocolError) and len(exc.args) > 1 else None
+    return isinstance(reason, (http.client.RemoteDisconnected, ConnectionResetError,
+                               BrokenPipeError))
 
 
 def _event_fields(event: bytes) -> Dict[str, str]:

@@ -292,10 +292,20 @@ def test_server_that_closes_without_answering_gives_no_status():
         listener.listen(1)
         port = listener.getsockname()[1]
 
+        listener.settimeout(10)
+        accepted = []
+
         def slam() -> None:
-            conn, _ = listener.accept()
-            conn.recv(65536)
-            conn.close()
+            # Twice: a connection closed before any answer byte is retried once, on a
+            # fresh connection, in case it was a stale keep-alive one.
+            for _ in range(2):
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                accepted.append(conn)
+                conn.recv(65536)
+                conn.close()
 
         th = threading.Thread(target=slam)
         th.start()
@@ -303,6 +313,7 @@ def test_server_that_closes_without_answering_gives_no_status():
             r = t.post([event(1)], STM)
         th.join(5)
     assert r.status is None and r.error_kind in ("protocol", "io"), r.error
+    assert len(accepted) == 2  # one retry, not more
 
 
 def test_503_with_retry_after_is_surfaced(collector, transport_for):

@@ -444,9 +444,15 @@ def _machine(factory: Callable[[Path], Factory]):
         def requeue_all(self) -> None:
             assert self.store.requeue_dead_letters(None, self.now) == len(self.model.dead)
             self.store.commit()
+            requeued = set(self.model.dead)
             for p in self.model.dead:
                 self.model.rows[p] = dict(attempts=0, next_at=0.0, lease_id=0, lease_exp=0.0)
             self.model.dead = []
+            # A requeued event is a new row with a new id: no earlier lease names it.
+            for lease_id, payloads in self.leases.items():
+                self.leases[lease_id] = [p for p in payloads if p not in requeued]
+            for p in requeued:
+                self.ids.pop(p, None)
 
         @rule(seconds=st.sampled_from([1.0, 10.0, LEASE_S + 1]))
         def advance(self, seconds: float) -> None:
