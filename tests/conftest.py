@@ -13,7 +13,7 @@ from tests.writer_process import WriterProcess, _killpg
 
 # CI runs the same examples every time (HYPOTHESIS_PROFILE=ci, set by .ci/run), so a
 # landing is not decided by luck; developers get fresh random examples by default.
-hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+hypothesis_settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
