@@ -93,7 +93,8 @@ def run(settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()
-    log.info("metrics on http://%s/metrics", settings.metrics_addr)
+    bound_host, bound_port = server.server_address[:2]
+    log.info("metrics on http://%s:%d/metrics", bound_host, bound_port)
     stop.wait()
     server.shutdown()
     server.server_close()
