@@ -35,6 +35,12 @@ from .events import SelfDescribingJson, Subject
 from .payload import TrackerInfo, build, encode_event
 
 _DRAIN_EVERY = 128  # track() calls between non-blocking reads of writer replies
+# track() gathers events into one frame until it holds _BATCH_EVENTS events or
+# _BATCH_BYTES bytes, or the first of them is _LINGER_SECONDS old: one frame per
+# event would cost the app and the writer more than the event itself.
+_BATCH_EVENTS = 64
+_BATCH_BYTES = 64 * 1024
+_LINGER_SECONDS = 0.002
 
 
 @dataclass
@@ -153,31 +159,24 @@ class Client:
             self._tracks += 1
             if self._tracks % _DRAIN_EVERY == 0:
                 self._drain(sock)
-            if (self._pending_events + len(data) > self._max_events
-                    or self._pending_bytes + nbytes > self._max_bytes):
+            if not self._has_room(len(data), nbytes):
                 self._drain(sock)
-                if (self._pending_events + len(data) > self._max_events
-                        or self._pending_bytes + nbytes > self._max_bytes):
+                if not self._has_room(len(data), nbytes):
                     self.stats.buffer_full += 1
                     raise BufferFull(
-                        f"{self._pending_events} events ({self._pending_bytes} bytes) wait for "
-                        f"the writer at {self.endpoint}; the buffer holds "
-                        f"{self._max_events} events / {self._max_bytes} bytes"
+                        f"{self._pending_events + len(self._batch)} events wait for the "
+                        f"writer at {self.endpoint}; the buffer holds {self._max_events} "
+                        f"events / {self._max_bytes} bytes"
                     )
-            base = self._lowest_pending()  # before this frame's seq exists
-            self._seq += 1
-            seq = self._seq
-            base = base or seq
-            try:
-                sock.send(wire.encode_events(self._producer_id, seq, base, data), zmq.NOBLOCK)
-            except zmq.Again:
-                self._seq -= 1
-                self.stats.buffer_full += 1
-                raise BufferFull(f"ZeroMQ send queue to {self.endpoint} is full") from None
-            self._pending[seq] = data
-            self._pending_events += len(data)
-            self._pending_bytes += nbytes
+            started = not self._batch
+            self._batch.extend(data)
+            self._batch_bytes += nbytes
             self.stats.tracked_events += len(data)
+            if len(self._batch) >= _BATCH_EVENTS or self._batch_bytes >= _BATCH_BYTES:
+                self._send_batch(sock)
+            elif started:
+                self._batch_since = time.monotonic()
+                self._wake_linger()
         return payloads[0]["eid"]
 
     def flush(self, timeout: float = 10.0) -> None:
@@ -191,6 +190,10 @@ class Client:
 
         deadline = time.monotonic() + timeout
         with self._lock:
+            sock = self._socket()
+            if self._batch and not self._send_batch(sock):
+                # ZeroMQ's queue is full: what is sent below confirms first.
+                self._send_batch_until(sock, deadline)
             target = self._seq
         while True:
             with self._lock:
@@ -215,7 +218,7 @@ class Client:
     @property
     def pending_events(self) -> int:
         """Events tracked by this process and not yet confirmed by the writer."""
-        return self._pending_events
+        return self._pending_events + len(self._batch)
 
     def close(self, timeout: Optional[float] = 5.0) -> None:
         """Flush (unless ``timeout`` is None), then close the socket. Idempotent.
@@ -225,11 +228,12 @@ class Client:
         if self._closed:
             return
         try:
-            if timeout is not None and self._pending_events and os.getpid() == self._pid:
+            if timeout is not None and self.pending_events and os.getpid() == self._pid:
                 self.flush(timeout)
         finally:
             with self._lock:
                 self._closed = True
+                self._wake.notify_all()
                 if self._sock is not None and os.getpid() == self._pid:
                     self._sock.close(linger=0)
                 self._sock = None
@@ -245,6 +249,11 @@ class Client:
 
     def _init_process_state(self) -> None:
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)  # tells the linger thread a batch began
+        self._linger_thread: Optional[threading.Thread] = None
+        self._batch: List[bytes] = []  # tracked, not yet in a frame
+        self._batch_bytes = 0
+        self._batch_since = 0.0
         self._pid = os.getpid()
         self._sock: Optional[zmq.Socket] = None
         self._producer_id = os.urandom(wire.PRODUCER_ID_BYTES)
@@ -256,6 +265,45 @@ class Client:
         self._rejections: Dict[int, str] = {}
         self._tracks = 0
         self._last_progress = time.monotonic()
+
+    def _has_room(self, events: int, nbytes: int) -> bool:
+        return (self._pending_events + len(self._batch) + events <= self._max_events
+                and self._pending_bytes + self._batch_bytes + nbytes <= self._max_bytes)
+
+    def _send_batch(self, sock: zmq.Socket) -> bool:
+        """Send the batch as one EVENTS frame (lock held). False if ZeroMQ's queue is
+        full: the batch stays, counted against the buffer, and goes out later."""
+        if not self._batch:
+            return True
+        base = self._lowest_pending()  # before this frame's seq exists
+        seq = self._seq + 1
+        data = self._batch
+        try:
+            sock.send(wire.encode_events(self._producer_id, seq, base or seq, data), zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        self._seq = seq
+        self._pending[seq] = data
+        self._pending_events += len(data)
+        self._pending_bytes += self._batch_bytes
+        self._batch = []
+        self._batch_bytes = 0
+        return True
+
+    def _send_batch_until(self, sock: zmq.Socket, deadline: float) -> None:
+        while not self._send_batch(sock) and time.monotonic() < deadline:
+            self._drain(sock)
+            sock.poll(5, zmq.POLLOUT)
+
+    def _wake_linger(self) -> None:
+        """Make sure this process's linger thread runs, and tell it a batch began."""
+        thread = self._linger_thread
+        if thread is None or not thread.is_alive():
+            thread = threading.Thread(target=_linger, args=(weakref.ref(self),),
+                                      name="sp-pipeline-linger", daemon=True)
+            self._linger_thread = thread
+            thread.start()
+        self._wake.notify()
 
     def _lowest_pending(self) -> Optional[int]:
         """The lowest unconfirmed seq, or None. ``next(iter(dict))`` would be O(n) here:
@@ -344,6 +392,28 @@ class Client:
                 break
             self.stats.resent_frames += 1
         self._last_progress = time.monotonic()
+
+
+def _linger(ref: "weakref.ref[Client]") -> None:
+    """Send a client's batch once its first event is ``_LINGER_SECONDS`` old, so an
+    app that tracks one event and goes quiet still gets it to the writer at once.
+    Holds only a weak reference between rounds: a forgotten client can be collected."""
+    while True:
+        client = ref()
+        if client is None or client._closed or client._pid != os.getpid():
+            return
+        with client._wake:
+            if not client._batch:
+                client._wake.wait(1.0)
+                continue
+            wait = client._batch_since + _LINGER_SECONDS - time.monotonic()
+            if wait > 0:
+                client._wake.wait(wait)
+                continue
+            sock = client._sock
+            if sock is None or not client._send_batch(sock):
+                client._wake.wait(_LINGER_SECONDS)  # queue full: try again shortly
+        del client
 
 
 __all__ = ["Client", "ClientStats", "EventsRejected"]
