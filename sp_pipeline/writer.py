@@ -190,6 +190,9 @@ class Writer:
                 break
             if self._txn_events >= self.s.commit_max_events:
                 break
+            if (self._txn_started is not None
+                    and (self.clock() - self._txn_started) * 1000 >= self.s.commit_interval_ms):
+                break  # close the transaction on time: senders wait for its commit
         return n
 
     def _should_commit(self, now: float, got: int) -> bool:
