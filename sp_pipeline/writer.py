@@ -41,6 +41,7 @@ _PARKED_RECHECK_SECONDS = 0.1
 _MAX_FRAME_EVENTS = 10_000
 _DISK_FULL_PAUSE_SECONDS = 1.0
 _CHECKPOINT_SECONDS = 1.0
+_INGEST_RCVHWM = 100  # frames queued per producer connection inside the writer
 _ROW_WRITE_BYTES = 128  # WAL bytes a lease, ack or release of one row costs, roughly
 
 
@@ -92,7 +93,9 @@ class Writer:
         self.ingest = self.ctx.socket(zmq.ROUTER)
         self.ingest.setsockopt(zmq.LINGER, 0)
         self.ingest.setsockopt(zmq.MAXMSGSIZE, self._max_frame)
-        self.ingest.setsockopt(zmq.RCVHWM, 10_000)
+        # Frames hold up to 64 KiB: a small per-producer queue bounds the writer's
+        # memory; beyond it producers keep frames in their own bounded buffers.
+        self.ingest.setsockopt(zmq.RCVHWM, _INGEST_RCVHWM)
         self.ingest.setsockopt(zmq.ROUTER_MANDATORY, 0)
         if self.s.ingest_curve_secret_key:
             from .curve import secure_server
