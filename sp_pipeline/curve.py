@@ -2,8 +2,8 @@
 
 The writer's ingest socket becomes a CURVE server when ``ingest_curve_secret_key`` is
 set: traffic is encrypted and a producer must know the server's public key to connect.
-With ``ingest_curve_client_keys`` (a file of Z85 public keys, one per line, ``#``
-comments allowed) only those producers are let in; the check runs in a ZAP handler
+With ``ingest_curve_client_keys`` (a file of Z85 public keys, one per line, lines
+starting with ``#`` ignored) only those producers are let in; the check runs in a ZAP handler
 thread (pyzmq's ThreadAuthenticator) inside the writer.
 
 ``sp-pipeline curve-keypair`` prints a new key pair.
@@ -21,6 +21,7 @@ from .errors import ConfigError
 log = logging.getLogger("sp_pipeline.curve")
 
 Z85_KEY_LENGTH = 40
+_Z85 = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#")
 
 
 def keypair() -> tuple:
@@ -43,12 +44,15 @@ def read_client_keys(path: str) -> FrozenSet[bytes]:
     except OSError as exc:
         raise ConfigError(f"ingest_curve_client_keys: cannot read {path} ({exc.strerror})") from None
     for number, line in enumerate(lines, 1):
-        key = line.split("#", 1)[0].strip()
+        key = line.strip()
         if not key:
             continue
-        if len(key) != Z85_KEY_LENGTH:
+        is_key = len(key) == Z85_KEY_LENGTH and all(c in _Z85 for c in key)
+        if not is_key and key.startswith("#"):  # a comment ('#' is also a Z85 digit)
+            continue
+        if not is_key:
             raise ConfigError(f"ingest_curve_client_keys: {path} line {number}: a Z85 public "
-                              f"key has {Z85_KEY_LENGTH} characters")
+                              f"key has {Z85_KEY_LENGTH} characters of the Z85 alphabet")
         keys.add(key.encode("ascii"))
     return frozenset(keys)
 

@@ -51,7 +51,9 @@ def http_json(url: str, method: str = "GET", body: Optional[dict] = None,
         return json.loads(resp.read() or b"{}")
 
 
-class _Proc:
+class ManagedProcess:
+    """A child process in its own session (process group), logging to a file."""
+
     proc: Optional[subprocess.Popen] = None
 
     def _spawn(self, args: Sequence[str], log_path: str, env: Optional[Dict[str, str]]) -> None:
@@ -90,14 +92,20 @@ class _Proc:
             self._log.close()
 
     def log(self) -> str:
-        with open(self.log_path, "rb") as fh:
-            return fh.read().decode("utf-8", "replace")
+        try:
+            with open(self.log_path, "rb") as fh:
+                return fh.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
 
-class LocalCollector(_Proc):
+class LocalCollector(ManagedProcess):
     """``sp-pipeline collector`` on a free port of 127.0.0.1."""
 
     def __init__(self, workdir: str, *extra_args: str) -> None:
@@ -129,7 +137,7 @@ class LocalCollector(_Proc):
                           f"{good} good events at the collector")  # type: ignore[return-value]
 
 
-class Pipeline(_Proc):
+class Pipeline(ManagedProcess):
     """``sp-pipeline start`` with its run directory and store under ``workdir``."""
 
     def __init__(self, workdir: str, collector_url: str, *extra_args: str,

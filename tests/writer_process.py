@@ -19,9 +19,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from sp_pipeline import config
 from sp_pipeline.events import StructuredEvent
 from sp_pipeline.payload import TrackerInfo, build, encode_event
-from sp_pipeline.testing import wait_until
+from sp_pipeline.testing import ManagedProcess, wait_until
 
-class WriterProcess:
+class WriterProcess(ManagedProcess):
     """One writer role process on a settings file in ``workdir`` (a short directory:
     the ingest endpoint is ipc:// inside it). Metrics go to ``workdir/metrics``."""
 
@@ -56,12 +56,8 @@ class WriterProcess:
 
     def start(self, wait_ready: bool = True) -> "WriterProcess":
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sp_pipeline.role", "writer", "--settings",
-                 self.settings_path],
-                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)
+        self._spawn([sys.executable, "-m", "sp_pipeline.role", "writer", "--settings",
+                     self.settings_path], self.log_path, env)
         self.starts += 1
         if wait_ready:
             wait_until(self._ready, 20, "the writer to log 'writer ready'")
@@ -72,34 +68,10 @@ class WriterProcess:
             raise AssertionError(f"writer exited {self.proc.returncode}:\n{self.log()}")
         return self.log().count("writer ready") >= self.starts
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def kill9(self) -> None:
         if self.proc is not None:
-            _killpg(self.proc.pid)
+            self.kill()
             self.proc.wait(10)
-
-    def stop(self, timeout: float = 15.0) -> Optional[int]:
-        """SIGTERM and wait; SIGKILL the group if it does not exit in time."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill9()
-            raise
-        finally:
-            _killpg(self.proc.pid)
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, "rb") as fh:
-                return fh.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
 
     def metric(self, name: str, label: Optional[str] = None) -> Dict[str, float]:
         """Samples of ``name`` merged over the metrics files, keyed by ``label``'s value

@@ -163,16 +163,21 @@ def _number_checks(schema: Mapping[str, Any]) -> Iterator[Check]:
     yield bounds
 
 
+def _size_check(kind: type, lo: Any, hi: Any, noun: str) -> Check:
+    """minItems/maxItems or minProperties/maxProperties for values of ``kind``."""
+    def size(v: Any, path: str, errors: List[str]) -> None:
+        if isinstance(v, kind):
+            if lo is not None and len(v) < lo:
+                errors.append(f"{path}: must have at least {lo} {noun}")
+            if hi is not None and len(v) > hi:
+                errors.append(f"{path}: must have at most {hi} {noun}")
+    return size
+
+
 def _array_checks(schema: Mapping[str, Any]) -> Iterator[Check]:
     lo, hi = schema.get("minItems"), schema.get("maxItems")
     if lo is not None or hi is not None:
-        def size(v: Any, path: str, errors: List[str]) -> None:
-            if isinstance(v, list):
-                if lo is not None and len(v) < lo:
-                    errors.append(f"{path}: must have at least {lo} item(s)")
-                if hi is not None and len(v) > hi:
-                    errors.append(f"{path}: must have at most {hi} item(s)")
-        yield size
+        yield _size_check(list, lo, hi, "item(s)")
     if "items" in schema:
         if not isinstance(schema["items"], dict):
             raise SchemaError("items: only a single schema is supported, not a list")
@@ -194,13 +199,7 @@ def _is_plain_string(schema: Any) -> bool:
 def _object_checks(schema: Mapping[str, Any]) -> Iterator[Check]:
     lo, hi = schema.get("minProperties"), schema.get("maxProperties")
     if lo is not None or hi is not None:
-        def size(v: Any, path: str, errors: List[str]) -> None:
-            if isinstance(v, dict):
-                if lo is not None and len(v) < lo:
-                    errors.append(f"{path}: must have at least {lo} propert(ies)")
-                if hi is not None and len(v) > hi:
-                    errors.append(f"{path}: must have at most {hi} propert(ies)")
-        yield size
+        yield _size_check(dict, lo, hi, "propert(ies)")
     keys = ("properties", "required", "additionalProperties")
     if any(k in schema for k in keys):
         yield _members_check(schema)

@@ -142,3 +142,13 @@ def test_event_contents_never_reach_the_log(writer_dir):
     sock.close(0)
     ctx.term()
     assert secret not in w.log()
+
+
+def test_client_key_file_keeps_keys_containing_a_hash(short_dir):
+    from sp_pipeline.curve import read_client_keys
+
+    keys = ["a#" + "b" * 38, "#" + "c" * 39]  # '#' is a Z85 digit, even the first
+    path = os.path.join(short_dir, "keys")
+    with open(path, "w") as fh:
+        fh.write(f"# comment line\n\n{keys[0]}\n{keys[1]}\n")
+    assert read_client_keys(path) == frozenset(k.encode() for k in keys)
