@@ -183,14 +183,14 @@ def test_flapping_503_backs_off_exponentially_and_every_event_arrives(short_dir)
             # sender leased it, and the gaps between requests are its retry delays.
             first = track(client, 1, "first")
             client.flush(15)
-            wait_until(lambda: len(requests(collector)) >= 5, 15, "five 503 answers")
-            log = requests(collector)[:5]
+            wait_until(lambda: len(requests(collector)) >= 4, 15, "four 503 answers")
+            log = requests(collector)[:4]
             assert {r["status"] for r in log} == {503} and {r["events"] for r in log} == {1}
             for attempt, gap in enumerate(gaps_ms(log), start=1):
                 least = min(base * 2 ** (attempt - 1), max_delay) * (1 - JITTER) * 1000
                 assert gap >= least - CLOCK_SLACK_MS, (attempt, gaps_ms(log))
             wait_until(lambda: metric_value(pipeline, "sp_pipeline_sender_requests_total",
-                                            "code", "503") >= 5, 5, "503 answers counted")
+                                            "code", "503") >= 4, 5, "503 answers counted")
 
             collector.set_faults(status=None)
             wait_delivered(collector, first, 15)
@@ -200,7 +200,7 @@ def test_flapping_503_backs_off_exponentially_and_every_event_arrives(short_dir)
             answered = len(requests(collector))
             second = track(client, 500, "second")
             client.flush(15)
-            wait_until(lambda: sum(r["status"] == 503 for r in requests(collector)[answered:]) >= 3,
+            wait_until(lambda: sum(r["status"] == 503 for r in requests(collector)[answered:]) >= 2,
                        15, "503 answers to the second lot")
             collector.set_faults(status=None)
             delivered = wait_delivered(collector, first + second, 20)
