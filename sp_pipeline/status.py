@@ -2,14 +2,15 @@
 
 Status asks the running writer (a STATS request on the lease socket: counts plus recent
 rates); when no writer answers it reads the store read-only. Dead-letter changes are
-writes, so they are done only while the pipeline is stopped (the writer owns the store
-while it runs: DESIGN invariant 1).
+writes: while the pipeline runs they are asked of the writer (it owns the store, DESIGN
+invariant 1); when it is stopped they are made on the store directly.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -22,16 +23,22 @@ from .errors import StoreError
 
 def ask_writer(settings: Settings, timeout: float = 2.0) -> Optional[Dict[str, Any]]:
     """The writer's STATS answer, or None when it does not answer in time."""
+    reply = _ask(settings, wire.OP_STATS, timeout=timeout)
+    return reply[2] if reply and reply[0] == wire.OP_STATS_REPLY else None
+
+
+def _ask(settings: Settings, op: str, *args: Any, timeout: float = 2.0) -> Optional[list]:
+    """One request to the running writer on its lease socket; its reply (without the
+    version), or None when no writer answers in time."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(settings.lease_endpoint)
-        sock.send(wire.encode_request(wire.OP_STATS, 1))
+        sock.send(wire.encode_request(op, 1, *args))
         if not sock.poll(int(timeout * 1000), zmq.POLLIN):
             return None
-        reply = wire.decode_reply(sock.recv())
-        return reply[2] if reply[0] == wire.OP_STATS_REPLY else None
+        return wire.decode_reply(sock.recv())
     finally:
         sock.close(linger=0)
         ctx.term()
@@ -109,8 +116,14 @@ def dead_letters(settings: Settings, action: str, ids: Optional[List[int]], limi
                       f"attempts={r['attempts']:<3} {r['payload'][:80]}")
         return exitcodes.OK
     if read_pid(settings.pidfile) is not None:
-        print("sp-pipeline: stop the pipeline first: the writer owns the store while it runs")
-        return exitcodes.ERROR
+        # The writer owns the store while it runs: it makes the change.
+        op = wire.OP_REQUEUE_DEAD if action == "requeue" else wire.OP_PURGE_DEAD
+        reply = _ask(settings, op, ids, timeout=10.0)
+        if not reply or reply[0] != wire.OP_DONE:
+            print("sp-pipeline: the running writer did not answer; try again", file=sys.stderr)
+            return exitcodes.ERROR
+        print(f"sp-pipeline: {action}d {reply[2]} dead letter(s)")
+        return exitcodes.OK
     store = open_store(settings)
     try:
         store.begin()

@@ -27,6 +27,9 @@ a ``req_id`` the reply echoes::
       -> DONE  [1, "O", req_id, rows_affected]
     STATS    [1, "S", req_id]
       -> STATS [1, "T", req_id, {str: int | float}]
+    REQUEUE  [1, "Q", req_id, [dead_letter_id, ...] | nil]   dead letters back to the queue
+    PURGE    [1, "P", req_id, [dead_letter_id, ...] | nil]   dead letters deleted
+      -> DONE  [1, "O", req_id, rows_affected]               (nil: all of them)
     any      -> ERROR [1, "X", req_id, reason: str]
 
 ``status`` is an HTTP status, or 0 when there was none (timeout, connection error).
@@ -58,6 +61,8 @@ OP_DEAD = "D"
 OP_DONE = "O"
 OP_STATS = "S"
 OP_STATS_REPLY = "T"
+OP_REQUEUE_DEAD = "Q"
+OP_PURGE_DEAD = "P"
 OP_ERROR = "X"
 
 _packb = msgpack.Packer(use_bin_type=True).pack
@@ -164,6 +169,8 @@ _REQUEST_ARITY = {
     OP_RELEASE: 7,
     OP_DEAD: 7,
     OP_STATS: 3,
+    OP_REQUEUE_DEAD: 4,
+    OP_PURGE_DEAD: 4,
 }
 
 
@@ -181,6 +188,11 @@ def decode_request(frame: bytes, *, max_frame_bytes: int = 1 << 20) -> list:
     if op == OP_LEASE:
         for i, name in ((3, "max_events"), (4, "max_bytes"), (5, "wait_ms")):
             _uint(obj[i], name)
+    elif op in (OP_REQUEUE_DEAD, OP_PURGE_DEAD):
+        ids = obj[3]
+        if ids is not None and (not isinstance(ids, list)
+                                or any(type(i) is not int for i in ids)):
+            raise FrameError("type", "dead-letter ids must be an array of integers or nil")
     elif op != OP_STATS:
         _uint(obj[3], "lease_id")
         ids = obj[4]

@@ -361,6 +361,16 @@ class Writer:
                                                           self.stats(now)))
             return
         self._begin()
+        if op in (wire.OP_REQUEUE_DEAD, wire.OP_PURGE_DEAD):
+            ids = args[0]
+            if op == wire.OP_REQUEUE_DEAD:
+                n = self.store.requeue_dead_letters(ids, now)
+            else:
+                n = self.store.purge_dead_letters(ids)
+            log.info("%s %d dead letter(s) on request", "requeued" if op == wire.OP_REQUEUE_DEAD
+                     else "purged", n)
+            self._replies.append((routing_id, wire.encode_reply(wire.OP_DONE, req_id, n)))
+            return
         if op == wire.OP_LEASE:
             max_events, max_bytes, wait_ms = args
             if not self._lease(routing_id, req_id, max_events, max_bytes, now) and wait_ms:
