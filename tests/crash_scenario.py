@@ -43,8 +43,9 @@ requests in flight when something failed:
   nothing: the bound leaves them out on purpose, and a dedupe bug would break it;
 - a collector that answers slower than ``read_timeout`` records requests the sender
   counts as failed, so every event recorded during such a window may come again: the
-  bound adds the good events recorded from the start of a "slow" fault until
-  ``read_timeout`` + 1 s after its end. 503s and resets record nothing: no duplicates.
+  bound adds the good events recorded while a "slow" fault was on, plus the requests
+  still in flight when it went off (``senders x inflight x batch_max_events``: later
+  requests get no delay). 503s and resets record nothing: they cause no duplicates.
 """
 
 from __future__ import annotations
@@ -119,10 +120,14 @@ class ChaosConfig:
                 "--retry-base", "0.2", "--retry-max-delay", "2", "--drain-timeout", "8",
                 "--metrics-addr", "127.0.0.1:0"]
 
+    @property
+    def all_in_flight(self) -> int:
+        """Most events in the requests of every sender at one moment."""
+        return self.senders * self.inflight * self.batch_max_events
+
     def in_flight_window(self, role: str) -> int:
         """Most events one kill of ``role`` can make the collector receive twice."""
-        per_sender = self.inflight * self.batch_max_events
-        return per_sender if role == "sender" else self.senders * per_sender
+        return self.all_in_flight // self.senders if role == "sender" else self.all_in_flight
 
     def fault_fields(self, kind: str) -> Dict[str, object]:
         if kind == "slow":
@@ -134,8 +139,8 @@ class ChaosConfig:
 
 
 class Step(NamedTuple):
-    """At ``at`` seconds after the load starts: ``action`` ("kill", "fault", "clear",
-    "mark_slow_end") with ``arg`` (a role or a fault kind)."""
+    """At ``at`` seconds after the load starts: ``action`` ("kill", "fault", "clear")
+    with ``arg`` (a role or a fault kind)."""
 
     at: float
     action: str
@@ -168,9 +173,9 @@ def periodic_kills(rng: random.Random, start: float, end: float,
 
 
 def fault_windows(rng: random.Random, start: float, end: float, every: float,
-                  kinds: Sequence[str], read_timeout: float) -> List[Step]:
+                  kinds: Sequence[str]) -> List[Step]:
     """Non-overlapping collector faults: on at a jittered interval, off after the kind's
-    duration; a "slow" fault also marks when its last slow answers have arrived."""
+    duration."""
     order = list(kinds)
     rng.shuffle(order)
     steps: List[Step] = []
@@ -180,8 +185,6 @@ def fault_windows(rng: random.Random, start: float, end: float, every: float,
         kind = order[i % len(order)]
         duration = FAULTS[kind][0]
         steps += [Step(t, "fault", kind), Step(t + duration, "clear", kind)]
-        if kind == "slow":
-            steps.append(Step(t + duration + read_timeout + 1.0, "mark_slow_end", kind))
         t += duration + every * rng.uniform(0.5, 1.5)
         i += 1
     return steps
@@ -193,7 +196,7 @@ def build_schedule(cfg: ChaosConfig) -> List[Step]:
     start, end = 1.5, max(1.5, cfg.load_seconds - 1.5)
     steps = counted_kills(rng, start, end, cfg.kills)
     steps += periodic_kills(rng, start, end, cfg.kill_every)
-    steps += fault_windows(rng, start, end, cfg.faults_every, cfg.fault_kinds, cfg.read_timeout)
+    steps += fault_windows(rng, start, end, cfg.faults_every, cfg.fault_kinds)
     return sorted(steps)
 
 
@@ -363,9 +366,10 @@ class Chaos:
             self.log(f"fault on: {step.arg}")
         elif step.action == "clear":
             self.collector.set_faults(**_CLEAR)
+            if step.arg == "slow":
+                recorded = self.collector.counts()["good"] - self._slow_start_good
+                self.slow_deliveries += recorded + self.cfg.all_in_flight
             self.log(f"fault off: {step.arg}")
-        elif step.action == "mark_slow_end":
-            self.slow_deliveries += self.collector.counts()["good"] - self._slow_start_good
 
     def kill(self, role: str) -> None:
         self.wait_healthy(f"the pipeline to run before killing the {role}")
@@ -414,8 +418,8 @@ class Chaos:
 def run_chaos(chaos: Chaos, steps: Sequence[Step], producers: Producers, t0: float,
               log: Callable[[str], None], report_every: float = 0.0) -> None:
     """Carry out ``steps`` at their times (seconds after ``t0``) while producers run;
-    steps not reached when the producers finish are skipped, except "clear" and
-    "mark_slow_end" so no fault stays on."""
+    steps not reached when the producers finish are skipped, except "clear" so no
+    fault stays on."""
     next_report = report_every
     for step in steps:
         due = _due(step.at, t0, producers)
@@ -427,7 +431,7 @@ def run_chaos(chaos: Chaos, steps: Sequence[Step], producers: Producers, t0: flo
                 log(f"t={time.monotonic() - t0:5.0f} s  tracked {tracked}  confirmed "
                     f"{confirmed}  kills {dict(chaos.kills)}  faults {dict(chaos.faults)}")
                 next_report += report_every
-        if producers.running() or step.action in ("clear", "mark_slow_end"):
+        if producers.running() or step.action == "clear":
             chaos.do(step)
 
 
