@@ -88,7 +88,8 @@ LEASE_EXPIRED = Counter(
 # ---------------------------------------------------------------- senders
 SENDER_REQUESTS = Counter(
     "sp_pipeline_sender_requests",
-    "HTTP requests to the collector, by status code ('error' for no answer).",
+    "HTTP requests to the collector, by status code ('error' for no answer; "
+    "'reset_resent' for a connection that died before answering and was retried at once).",
     ["code"],
 )
 SENDER_EVENTS = Counter(

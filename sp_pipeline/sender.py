@@ -205,6 +205,8 @@ class Sender:
     def _observe(self, resp: Response, events: int) -> None:
         code = str(resp.status) if resp.status is not None else "error"
         self.m.SENDER_REQUESTS.labels(code).inc()
+        if resp.attempts > 1:  # the connection died before an answer: tried again at once
+            self.m.SENDER_REQUESTS.labels("reset_resent").inc(resp.attempts - 1)
         self.m.SENDER_REQUEST_SECONDS.observe(resp.elapsed)
 
     def _count_dead(self, reason: str, n: int) -> None:

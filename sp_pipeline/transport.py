@@ -11,7 +11,10 @@ Requests::
 Every request answers with a ``Response``; network trouble (timeouts, refused or reset
 connections, TLS failures) is a Response with ``status`` None and an ``error``, never an
 exception, so the caller has one path for every outcome. Redirects are not followed
-and urllib3 does not retry: the delivery policy (``retry.py``) owns both decisions.
+and urllib3 does not retry: the delivery policy (``retry.py``) owns both decisions. The
+one exception: a connection closed or reset before any byte of an answer (typically a
+keep-alive connection the collector closed as we reused it) is tried once more at once,
+on a fresh connection, and ``Response.attempts`` says so (the sender counts it).
 
 Build the Transport inside the process that uses it, after it started (DESIGN
 invariant 8); a pool must never cross a fork.
@@ -54,7 +57,8 @@ class Response:
     ``protocol``, ``io``. ``retry_after`` is the raw Retry-After header, if any (parse it
     with ``retry.parse_retry_after``). ``elapsed`` is seconds from just before the
     request to the end of reading the answer (or of the failure). ``sent_bytes`` is the
-    size of the body as sent (after gzip), 0 for GET.
+    size of the body as sent (after gzip), 0 for GET. ``attempts`` is 2 when the first
+    connection died before any answer and the request was sent again at once.
     """
 
     status: Optional[int]
@@ -62,6 +66,7 @@ class Response:
     error: Optional[str] = None
     elapsed: float = 0.0
     sent_bytes: int = 0
+    attempts: int = 1
 
     @property
     def error_kind(self) -> Optional[str]:
@@ -179,9 +184,10 @@ class Transport:
                     # no answer was started, so try once more on a fresh connection
                     # (at worst a duplicate, which at-least-once delivery allows).
                     continue
-                return Response(None, None, _describe(exc), self._clock() - start, sent)
+                return Response(None, None, _describe(exc), self._clock() - start, sent,
+                                attempt)
             return Response(r.status, r.headers.get("Retry-After"), None,
-                            self._clock() - start, sent)
+                            self._clock() - start, sent, attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
 

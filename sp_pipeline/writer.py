@@ -400,6 +400,10 @@ class Writer:
                                 now, self.s.lease_seconds)
         if not rows:
             return False
+        expired = getattr(self.store, "expired_leased", 0)
+        if expired > self.totals["expired_leased"]:
+            self._metrics.m.LEASE_EXPIRED.inc(expired - self.totals["expired_leased"])
+            self.totals["expired_leased"] = expired
         self._dirty += _ROW_WRITE_BYTES * len(rows)
         batch = [[r.id, r.payload, int(r.enqueued_at * 1000), r.attempts] for r in rows]
         self._replies.append((routing_id, wire.encode_reply(wire.OP_BATCH, req_id, lease_id, batch)))

@@ -178,6 +178,7 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # socketserver's 5 refuses bursts of sender connections
 
     def __init__(self, address: Tuple[str, int], recorder: Recorder,
                  injector: FaultInjector, checker: EventChecker) -> None:

@@ -72,6 +72,7 @@ _SQL_LEASE = (
     "UPDATE queue SET lease_id = ?, lease_expires_at = ?, next_attempt_at = ? "
     f"WHERE id IN {_IN}"
 )
+_SQL_EXPIRED_COUNT = f"SELECT count(*) FROM queue WHERE lease_id != 0 AND id IN {_IN}"
 _SQL_LEASED_ROWS = f"SELECT id, enqueued_at, attempts, payload FROM queue WHERE id IN {_IN}"
 _SQL_SIZES = f"SELECT count(*), CAST(total(size) AS INTEGER) FROM queue WHERE id IN {_IN}"
 _SQL_ACK = f"DELETE FROM queue WHERE id IN {_IN}"
@@ -154,6 +155,9 @@ class SQLiteStore:
         self.when_full = when_full
         self.max_dead_letters = max_dead_letters
         self.dead_letters_evicted = 0
+        #: Rows leased again after their lease expired (a sender died or hung), since
+        #: open; counted as they are re-leased (not rolled back with a transaction).
+        self.expired_leased = 0
         self._conn = migrations.open_writable(self.path, _SYNCHRONOUS[synchronous])
         self._queued, self._queued_bytes = self._conn.execute(
             "SELECT count(*), CAST(total(size) AS INTEGER) FROM queue INDEXED BY queue_ready"
@@ -268,6 +272,10 @@ class SQLiteStore:
             expires = now + lease_seconds
             rows: List[Tuple[int, float, int, bytes]] = []
             for part in _chunks(chosen):
+                # A chosen row that still names a lease is coming off an expired one
+                # (release clears lease_id; ack and dead-letter delete the row).
+                (expired,) = self._conn.execute(_SQL_EXPIRED_COUNT, part).fetchone()
+                self.expired_leased += expired
                 self._conn.execute(_SQL_LEASE, (lease_id, expires, expires, *part))
                 rows.extend(self._conn.execute(_SQL_LEASED_ROWS, part))
         rows.sort()

@@ -385,8 +385,5 @@ def test_sender_killed_mid_request_loses_nothing(kill_run):
     assert kill_run.exit_code == exitcodes.OK
 
 
-@pytest.mark.xfail(strict=True, reason="sp_pipeline_lease_expired_events_total is defined "
-                   "in metrics.py but nothing increments it (writer/store never count the "
-                   "rows of expired leases they hand out again)")
 def test_expired_lease_is_counted(kill_run):
     assert kill_run.lease_expired_metric >= duplicates(kill_run.delivered) > 0

@@ -314,6 +314,7 @@ def test_server_that_closes_without_answering_gives_no_status():
         th.join(5)
     assert r.status is None and r.error_kind in ("protocol", "io"), r.error
     assert len(accepted) == 2  # one retry, not more
+    assert r.attempts == 2  # and it says so, for the sender's metrics
 
 
 def test_503_with_retry_after_is_surfaced(collector, transport_for):
