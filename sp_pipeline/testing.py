@@ -58,6 +58,8 @@ class ManagedProcess:
 
     def _spawn(self, args: Sequence[str], log_path: str, env: Optional[Dict[str, str]]) -> None:
         self.log_path = log_path
+        if getattr(self, "_log", None) is not None:
+            self._log.close()  # a restart: one handle at a time
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(list(args), stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env, start_new_session=True)
@@ -161,18 +163,24 @@ class Pipeline(ManagedProcess):
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"sp-pipeline start exited {self.proc.returncode}:\n{self.log()}")
+            # The children.json of a previous (killed) supervisor does not count.
+            if self._state().get("supervisor_pid") != self.proc.pid:
+                return False
             return all(c.get("state") == "running" for c in self.children() or [{}])
         wait_until(ready, timeout, "every pipeline process to run")
 
     def __enter__(self) -> "Pipeline":
         return self
 
-    def children(self) -> List[dict]:
+    def _state(self) -> dict:
         try:
             with open(os.path.join(self.run_dir, "children.json")) as fh:
-                return json.load(fh)["children"]
-        except (OSError, ValueError, KeyError):
-            return []
+                return json.load(fh)
+        except (OSError, ValueError):
+            return {}
+
+    def children(self) -> List[dict]:
+        return self._state().get("children", [])
 
     def pids(self, role: str) -> List[int]:
         return [c["pid"] for c in self.children() if c["role"] == role and c["pid"]]

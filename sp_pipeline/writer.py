@@ -561,7 +561,8 @@ def run(settings: Settings) -> int:
     """Entry point of the writer role. Returns an exit code (``exitcodes``)."""
     from .store import open_store
 
-    lock_fd = _lock_store(settings.store)
+    # A writer of a killed supervisor may still be draining (up to half drain_timeout).
+    lock_fd = _lock_store(settings.store, settings.drain_timeout + _STORE_LOCK_MARGIN_SECONDS)
     if lock_fd is None:
         return exitcodes.BOOT_ERROR
     try:
@@ -608,10 +609,10 @@ def _serve(settings: Settings, store: Store) -> int:
         ctx.term()
 
 
-_STORE_LOCK_WAIT_SECONDS = 5.0
+_STORE_LOCK_MARGIN_SECONDS = 5.0
 
 
-def _lock_store(path: str) -> Optional[int]:
+def _lock_store(path: str, wait_seconds: float) -> Optional[int]:
     """Hold ``PATH.lock`` (flock) for the writer's lifetime: one writer per store, even
     across supervisors (DESIGN invariant 1). Waits a little for a previous writer that
     is still draining; returns None (logged) if it stays taken."""
@@ -623,7 +624,7 @@ def _lock_store(path: str) -> Optional[int]:
     except OSError as exc:
         log.error("cannot create the store lock %s: %s", lock_path, exc.strerror)
         return None
-    deadline = time.monotonic() + _STORE_LOCK_WAIT_SECONDS
+    deadline = time.monotonic() + wait_seconds
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
