@@ -4,7 +4,9 @@ One sender process runs ``inflight`` request threads sharing one urllib3 pool
 (``transport.Transport``) and one ``retry.Pause``. Each thread owns a DEALER socket
 to the writer's lease endpoint (ZeroMQ sockets are not shared between threads) and
 loops: wait for the pause gate, LEASE, send, then ACK (2xx), RELEASE with a retry time
-(5xx, 408, 429, no answer) or DEAD (non-retryable status, retry budget spent). Reports
+(5xx, 408, 429, no answer) or DEAD (non-retryable status, retry budget spent). A 413
+to a batch of several events halves this sender's byte limit and sends them again;
+only an event too large on its own is dead-lettered with ``status_413``. Reports
 are fire-and-forget: if one is lost (writer restart) the rows are delivered again,
 never lost (at-least-once, DESIGN invariant 3).
 
@@ -22,7 +24,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import zmq
 
-from . import exitcodes, wire
+from . import batching, exitcodes, wire
 from .config import Settings
 from .errors import FrameError, ValidationError
 from .retry import Outcome, Pause, RetryPolicy, parse_retry_after
@@ -31,6 +33,7 @@ from .transport import Response, Transport
 log = logging.getLogger("sp_pipeline.sender")
 
 LEASE_WAIT_MS = 1000  # how long the writer may hold an empty lease request
+_MIN_BYTE_LIMIT = 200  # the smallest byte_limit the configuration accepts
 _REPLY_GRACE_S = 3.0  # beyond LEASE_WAIT_MS before a lease request counts as lost
 
 
@@ -111,6 +114,7 @@ class Sender:
         self.policy = RetryPolicy.from_settings(settings)
         self.rng = random.Random()
         self.pause = Pause(self.policy, random.Random())
+        self.byte_limit = settings.byte_limit  # lowered when the collector answers 413
         self.stop = threading.Event()
         self.m = metrics
         for outcome in ("delivered", "retried", "dead_lettered"):
@@ -124,7 +128,7 @@ class Sender:
                 if wait > 0:
                     self.stop.wait(min(wait, 1.0))
                     continue
-                got = lc.lease(self.s.batch_max_events, self.s.byte_limit, LEASE_WAIT_MS)
+                got = lc.lease(self.s.batch_max_events, self.byte_limit, LEASE_WAIT_MS)
                 if got is None:
                     self.stop.wait(0.2)  # writer away: do not spin while it restarts
                     continue
@@ -143,6 +147,9 @@ class Sender:
                     self._observe(resp, len(rows))  # the common case: no per-row decisions
                     self.pause.observe(Outcome.DELIVERED, now=self.clock())
                     self._ack(lc, lease_id, rows)
+                elif resp.status == 413 and len(rows) > 1:
+                    self._observe(resp, len(rows))
+                    self._shrink(lc, lease_id, rows)
                 else:
                     self._settle(lc, lease_id, rows, resp)
             else:
@@ -195,6 +202,19 @@ class Sender:
             lc.dead(lease_id, [r.id for r in group], reason, resp.status or 0)
             self._count_dead(reason, len(group))
             log.warning("dead-lettered %d events: %s", len(group), reason)
+
+    def _shrink(self, lc: LeaseClient, lease_id: int, rows: Sequence[Row]) -> None:
+        """The collector refused the body as too large (413): its limit is below our
+        byte_limit. Halve this sender's limit and send the rows again at once, in
+        smaller batches; only an event too large on its own is dead-lettered."""
+        size = batching.post_size(len(r.payload) for r in rows)
+        new_limit = max(_MIN_BYTE_LIMIT, min(self.byte_limit, size // 2))
+        if new_limit < self.byte_limit:
+            log.warning("collector answered 413 to a %d-byte body: byte limit %d -> %d",
+                        size, self.byte_limit, new_limit)
+            self.byte_limit = new_limit
+        lc.release(lease_id, [r.id for r in rows], self.clock(), 413)
+        self.m.SENDER_EVENTS.labels("retried").inc(len(rows))
 
     def _ack(self, lc: LeaseClient, lease_id: int, rows: Sequence[Row]) -> None:
         lc.ack(lease_id, [r.id for r in rows])

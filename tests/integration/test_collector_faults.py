@@ -193,7 +193,7 @@ def test_connections_reset_mid_request_everything_arrives_once(short_dir):
 # --------------------------------------------------------------------------- 413
 
 
-def test_413_dead_letters_the_large_batches_and_delivers_the_rest(short_dir):
+def test_413_shrinks_batches_and_dead_letters_only_events_too_large_alone(short_dir):
     max_body, byte_limit = 3000, 5000  # a byte_limit the collector does not accept
     with LocalCollector(short_dir, "--max-body-bytes", str(max_body)) as collector, \
             Pipeline(short_dir, collector.url, *FAST, "--byte-limit", str(byte_limit)) as pipeline:
@@ -223,8 +223,9 @@ def test_413_dead_letters_the_large_batches_and_delivers_the_rest(short_dir):
         assert set(delivered.values()) == {1}
         assert {r["reason"] for r in rows} == {"status_413"}
         assert {r["last_status"] for r in rows} == {413}
-        assert set(big) <= set(dead) and set(alone) <= set(delivered)
-        assert len(dead) > len(big)  # full batches of small events too
+        assert set(dead) == set(big)  # too large on their own
+        assert set(alone) <= set(delivered) and set(backlog) <= set(delivered)
+        assert f"byte limit {byte_limit} ->" in pipeline.log()  # batches were split
         log = requests(collector)
         assert all(r["bytes"] > max_body for r in log if r["status"] == 413)
         assert all(r["bytes"] <= max_body for r in log if r["status"] == 200)
