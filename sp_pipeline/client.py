@@ -20,6 +20,7 @@ pending in the parent stay the parent's to confirm.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import time
@@ -74,6 +75,18 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@atexit.register
+def _send_batches_at_exit() -> None:
+    """An app that exits without close() still hands its last batch to ZeroMQ (whose
+    linger then tries to deliver it); it cannot be confirmed, only sent."""
+    for client in list(_clients):
+        if client._closed or client._pid != os.getpid() or not client._batch:
+            continue
+        with client._lock:
+            if client._sock is not None:
+                client._send_batch(client._sock)
 
 
 class Client:

@@ -169,3 +169,20 @@ def test_events_share_frames_up_to_the_batch_size(ipc_endpoint):
     assert len(rx.frames) < 100
     tr_frame = next(f for f in rx.frames if any(b'"e":"tr"' in ev for ev in f.events))
     assert sum(b'"e":"ti"' in ev for ev in tr_frame.events) == 2  # a transaction stays whole
+
+
+def test_events_tracked_just_before_exit_are_sent(ipc_endpoint):
+    """An app that exits right after track(), without close(), still hands its last
+    batch to ZeroMQ, which delivers it while the process exits."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom sp_pipeline import Client\nfrom sp_pipeline.events import PageView\n"
+              "c = Client(sys.argv[1], namespace='x')\n"
+              "for i in range(3):\n    c.track(PageView(f'https://exit.example/{i}'))\n")
+    with FrameReceiver(ipc_endpoint) as rx:
+        out = subprocess.run([sys.executable, "-c", script, ipc_endpoint], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        evs = rx.wait_for_events(3, timeout=10)
+    assert sorted(e["url"] for e in evs) == [f"https://exit.example/{i}" for i in range(3)]
