@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import tempfile
 import time
@@ -19,6 +20,18 @@ def progress(label: str, done: int, total: int) -> None:
     sys.stdout.flush()
 
 
+def _free_port(preferred: int) -> int:
+    """``preferred`` when nothing listens there, else any free port of 127.0.0.1."""
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free port on 127.0.0.1")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=6000)
@@ -28,7 +41,7 @@ def main() -> int:
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="sp-demo-")
     print(f"working directory: {workdir}")
-    metrics_port = 9465
+    metrics_port = _free_port(9465)
     with LocalCollector(workdir) as collector:
         print(f"local collector:   {collector.url}")
         with Pipeline(workdir, collector.url, "--metrics-addr", f"127.0.0.1:{metrics_port}") as pipe:
@@ -39,8 +52,9 @@ def main() -> int:
             inside = 0.0
             with Client(pipe.ingest, namespace="demo", app_id="sp-pipeline-demo") as client:
                 for i, event in enumerate(events):
+                    subject = sample_subject(i)
                     t0 = time.perf_counter()
-                    client.track(event, subject=sample_subject(i))
+                    client.track(event, subject=subject)
                     inside += time.perf_counter() - t0
                     if i % 500 == 0:
                         progress("tracked", i, len(events))
