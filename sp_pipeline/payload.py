@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from base64 import urlsafe_b64encode
 from json.encoder import encode_basestring
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ _CONTEXTS_HEAD = '{"schema":"' + CONTEXTS_SCHEMA + '","data":['
 _UNSTRUCT_HEAD = '{"schema":"' + UNSTRUCT_EVENT_SCHEMA + '","data":'
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _quote = encode_basestring  # C: a str -> its JSON string literal, non-ASCII kept
+_QUOTED_KEYS = {k: _quote(k) + ":" for k in PAYLOAD_KEYS}  # '"se_ca":' for every key
 _decode_json = json.JSONDecoder().decode
 _STR = str  # bound once: checked per value in check_event_json
 
@@ -132,14 +134,19 @@ def format_money(value: float) -> str:
     return "0.00" if text == "-0.00" else text
 
 
-def new_event_id() -> str:
-    """A random (version 4) UUID string; about twice as fast as ``str(uuid.uuid4())``.
+# Event ids come from a generator seeded from the OS once per process (and again in a
+# forked child, so parent and child never share a sequence): a system call per id cost
+# more than the rest of the id. Uniqueness is what eids need, not secrecy.
+_ids = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))
+_UUID_KEEP = ~((0xF << 76) | (0xC << 60)) & ((1 << 128) - 1)
+_UUID_SET = (0x4 << 76) | (0x8 << 60)  # version 4, RFC 4122 variant
 
-    Reads the OS random source on each call, so forked processes never share ids."""
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40  # version 4
-    b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = b.hex()
+
+def new_event_id() -> str:
+    """A random (version 4) UUID string, several times faster than
+    ``str(uuid.uuid4())``; distinct across threads and forked processes."""
+    h = "%032x" % ((_ids.getrandbits(128) & _UUID_KEEP) | _UUID_SET)
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
@@ -329,7 +336,8 @@ def encode_event(payload: Mapping[str, str]) -> bytes:
     # Hand-joined rather than json.dumps: every value is a str, and this is about twice
     # as fast as building a C encoder per call (track()'s budget is ~10 us).
     try:
-        text = "{" + ",".join([f"{_quote(k)}:{_quote(v)}" for k, v in payload.items()]) + "}"
+        text = "{" + ",".join([(_QUOTED_KEYS.get(k) or _quote(k) + ":") + _quote(v)
+                               for k, v in payload.items()]) + "}"
         return text.encode("utf-8")
     except (TypeError, UnicodeEncodeError):
         raise _unencodable(payload) from None

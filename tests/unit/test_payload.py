@@ -378,3 +378,32 @@ def test_check_rejects_with_reason(data: bytes, reason: str) -> None:
     with pytest.raises(FrameError) as info:
         check_event_json(data, len(_json(GOOD)) + 50)
     assert info.value.reason == reason, str(info.value)
+
+
+def test_event_ids_are_version_4_uuids_and_distinct():
+    import uuid
+
+    from sp_pipeline.payload import new_event_id
+
+    ids = [new_event_id() for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids[:200]:
+        u = uuid.UUID(text)
+        assert str(u) == text and u.version == 4 and u.variant == uuid.RFC_4122
+
+
+def test_a_forked_child_draws_other_event_ids():
+    import os
+
+    from sp_pipeline.payload import new_event_id
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, new_event_id().encode())
+        os._exit(0)
+    os.close(w)
+    child = os.read(r, 64).decode()
+    os.waitpid(pid, 0)
+    os.close(r)
+    assert child != new_event_id()
