@@ -39,7 +39,7 @@ _DRAIN_EVERY = 128  # track() calls between non-blocking reads of writer replies
 # track() gathers events into one frame until it holds _BATCH_EVENTS events or
 # _BATCH_BYTES bytes, or the first of them is _LINGER_SECONDS old: one frame per
 # event would cost the app and the writer more than the event itself.
-_BATCH_EVENTS = 64
+_BATCH_EVENTS = 128
 _BATCH_BYTES = 64 * 1024
 _LINGER_SECONDS = 0.002
 
