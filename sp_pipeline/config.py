@@ -164,7 +164,7 @@ OPTIONS: Tuple[Option, ...] = (
     # Senders.
     Option("byte_limit", _positive_int, 40000, "POST body byte limit", "BYTES"),
     Option("batch_max_events", _positive_int, 500, "events per request at most", "N"),
-    Option("inflight", _positive_int, 4, "requests in flight per sender", "N"),
+    Option("inflight", _positive_int, 8, "requests in flight per sender", "N"),
     Option("connect_timeout", _positive_float, 3.0, "HTTP connect timeout", "SECONDS"),
     Option("read_timeout", _positive_float, 5.0, "HTTP read timeout", "SECONDS"),
     Option("gzip", _bool, False, "gzip POST bodies"),

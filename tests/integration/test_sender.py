@@ -352,7 +352,7 @@ def kill_run() -> Iterator[KillRun]:
 
 def _kill_one_sender(workdir: str) -> KillRun:
     with LocalCollector(workdir, "--delay-ms", "2500") as collector, \
-            Pipeline(workdir, collector.url, *FAST, "--read-timeout", "4",
+            Pipeline(workdir, collector.url, *FAST, "--read-timeout", "4", "--inflight", "4",
                      "--connect-timeout", "0.5", "--lease-seconds", "5",
                      "--batch-max-events", "20") as pipeline:
         port = int(collector.url.rsplit(":", 1)[1])
