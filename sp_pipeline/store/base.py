@@ -6,7 +6,10 @@ method runs inside the transaction opened by ``begin()`` and becomes durable at
 seconds since the epoch, passed in (``now``) so tests control the clock.
 
 Ids are never reused, so an ack or release naming an old id cannot touch a newer
-event. ``lease_id`` 0 means "not leased" and is never a valid lease.
+event. ``lease_id`` 0 means "not leased" and is never a valid lease. Leases belong to
+the store instance (the writer's lifetime): a store opened anew holds none, so rows a
+dead writer had leased are eligible at once. An expired lease keeps its rows until they
+are leased again (a late release or dead-letter by it still applies).
 
 Tables (SQLite implementation; exact columns, order and indexes in
 ``store/migrations.py``)::
@@ -16,10 +19,9 @@ Tables (SQLite implementation; exact columns, order and indexes in
           size INTEGER,               -- len(payload)
           enqueued_at REAL,
           attempts INTEGER,           -- failed deliveries so far
-          next_attempt_at REAL,       -- not leased before this time
-          lease_id INTEGER,           -- 0 when not leased (an expired lease keeps its id
-                                      -- until the row is leased again)
-          lease_expires_at REAL)
+          next_attempt_at REAL,       -- 0: never leased; else not leased before it
+          lease_id INTEGER,           -- unused (leases are held in memory)
+          lease_expires_at REAL)      -- unused
     dead_letters(id, payload, size, enqueued_at, attempts, reason, last_status, dead_at)
     producers(producer_id BLOB PRIMARY KEY, last_seq INTEGER, updated_at REAL)
 """
@@ -101,7 +103,7 @@ class Store(Protocol):
         lease's rows are eligible again). Stops at ``max_events`` or before the POST
         size (``batching.post_size``) would exceed ``max_bytes``; always returns at least
         one event when any is eligible, even if it alone is over ``max_bytes``.
-        Leased rows get ``lease_id`` and ``lease_expires_at = now + lease_seconds``.
+        The lease expires at ``now + lease_seconds``; ``lease_id`` must not be in use.
         """
 
     def ack(self, lease_id: int, ids: Sequence[int]) -> int:
@@ -128,8 +130,9 @@ class Store(Protocol):
         ``attempts`` counts this attempt. Returns the number of rows moved."""
 
     def clear_leases(self) -> int:
-        """Make every leased row eligible now (used at writer start: a new writer owns
-        no leases). Returns the number of rows freed."""
+        """Make every leased row eligible now (at writer start, and whenever the
+        caller wants every lease forgotten). Returns the number of rows freed that this
+        instance knew of (a fresh instance holds no leases)."""
 
     def stats(self, now: float) -> StoreStats:
         """Counts for status and metrics. Cheap enough to call a few times a second

@@ -15,11 +15,11 @@ reads only the small columns never touches overflow pages of a large payload)::
           size INTEGER,             -- len(payload)
           enqueued_at REAL,
           attempts INTEGER,         -- failed deliveries so far
-          next_attempt_at REAL,     -- not leased before this time; 0 = never touched.
-                                    -- A lease sets it to the lease's expiry, a release
-                                    -- to the retry time: eligible <=> next_attempt_at <= now
-          lease_id INTEGER,         -- 0 when not leased
-          lease_expires_at REAL,    -- 0 when not leased
+          next_attempt_at REAL,     -- 0: waiting for its first lease; after a release,
+                                    -- the retry time (leases themselves live in the
+                                    -- writer's memory, see store/sqlite.py)
+          lease_id INTEGER,         -- unused since leases moved to memory: 0 (a file
+          lease_expires_at REAL,    -- from an older writer may hold leases: freed)
           payload BLOB)
       index queue_ready(next_attempt_at, id, size)     -- lease scans; sum(size) on open
       index queue_leased(lease_expires_at) WHERE lease_id != 0   -- stats().leased

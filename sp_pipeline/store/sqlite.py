@@ -4,15 +4,20 @@ One process (the writer) opens it for writing; ``ReadOnlyStore`` serves the ``st
 and ``dead-letters list`` commands through a ``mode=ro`` connection. The table layout
 is drawn in ``migrations.py``.
 
-How ``lease()`` stays fast with a million-row backlog. Eligible means
-``next_attempt_at <= now``: a lease moves ``next_attempt_at`` to the lease's expiry and
-a release to the retry time, so one indexed column answers "eligible?". Rows never
-touched have ``next_attempt_at = 0``. The index ``queue_ready(next_attempt_at, id,
-size)`` then yields, without reading the table, (a) untouched rows in id order (an
-equality range, O(batch)) and (b) touched rows that are eligible again (a range over
-``0 < next_attempt_at <= now``, sorted by id: O(eligible touched rows), which is small
-except just after a long collector outage). The two streams are merged by id, so leased
-and retry-waiting rows at the head of the queue are never scanned one by one.
+Leases live in memory, not in the file. Only the writer holds a store, and a new
+writer owns no leases (a restart makes every leased row eligible again, which is what
+``clear_leases()`` promises), so writing lease state to disk would only cost an UPDATE
+of every row sent. What the file keeps is ``next_attempt_at``: 0 for a row waiting for
+its first lease, the retry time after a release.
+
+How ``lease()`` stays fast with a million-row backlog. Three sources of eligible rows,
+merged by id (oldest first): (a) rows never leased in this store's lifetime: those with
+``next_attempt_at = 0`` past ``_cursor`` (the newest id handed out so far), read along
+the index ``queue_ready(next_attempt_at, id, size)`` in O(batch); (b) released rows
+whose retry time has come (a range over ``0 < next_attempt_at <= now`` of the same
+index, sorted by id, small except just after a long collector outage); (c) rows of
+expired leases (a heap in memory). A row leased from (b) gets ``next_attempt_at = 0``
+again; a row leased from (a) or (c) is not written at all.
 
 Counters (queued events and bytes, dead letters) live in memory: read once on open,
 updated by every write, and restored from a snapshot taken at ``begin()`` when the
@@ -26,11 +31,10 @@ raises ``StoreFull`` (SQLITE_FULL: disk or ``max_page_count`` reached) or
 from __future__ import annotations
 
 import heapq
-import itertools
 import os
 import sqlite3
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from sp_pipeline import batching
 from sp_pipeline.errors import StoreError
@@ -50,7 +54,7 @@ _IN = "(" + ",".join("?" * _CHUNK) + ")"
 _SQL_INSERT = "INSERT INTO queue(size, enqueued_at, payload) VALUES (?, ?, ?)"
 _SQL_FRESH = (
     "SELECT id, size FROM queue INDEXED BY queue_ready "
-    "WHERE next_attempt_at = 0 ORDER BY id LIMIT ?"
+    "WHERE next_attempt_at = 0 AND id > ? ORDER BY id LIMIT ?"
 )
 _MAX_ID = (1 << 63) - 1
 _PROBE_FACTOR = 4
@@ -66,34 +70,19 @@ _SQL_DUE_BY_ID = (
     "SELECT id, size FROM queue NOT INDEXED "
     "WHERE next_attempt_at > 0 AND next_attempt_at <= ? AND id < ? ORDER BY id LIMIT ?"
 )
-# No RETURNING: an UPDATE/DELETE ... RETURNING on these indexed rows measured 3-4x
-# slower than the statement followed by a SELECT of the same rows.
-_SQL_LEASE = (
-    "UPDATE queue SET lease_id = ?, lease_expires_at = ?, next_attempt_at = ? "
-    f"WHERE id IN {_IN}"
-)
-_SQL_EXPIRED_COUNT = f"SELECT count(*) FROM queue WHERE lease_id != 0 AND id IN {_IN}"
+_SQL_UNRELEASE = f"UPDATE queue SET next_attempt_at = 0 WHERE id IN {_IN}"
 _SQL_LEASED_ROWS = f"SELECT id, enqueued_at, attempts, payload FROM queue WHERE id IN {_IN}"
 _SQL_SIZES = f"SELECT count(*), CAST(total(size) AS INTEGER) FROM queue WHERE id IN {_IN}"
 _SQL_ACK = f"DELETE FROM queue WHERE id IN {_IN}"
 _SQL_RELEASE = (
-    "UPDATE queue SET attempts = attempts + 1, next_attempt_at = ?, lease_id = 0, "
-    f"lease_expires_at = 0 WHERE lease_id = ? AND id IN {_IN}"
+    f"UPDATE queue SET attempts = attempts + 1, next_attempt_at = ? WHERE id IN {_IN}"
 )
 _SQL_COPY_DEAD = (
     "INSERT INTO dead_letters(size, enqueued_at, attempts, reason, last_status, dead_at, "
     "payload) SELECT size, enqueued_at, attempts + ?, ?, ?, ?, payload FROM queue "
-    f"WHERE lease_id = ? AND id IN {_IN} ORDER BY id"
+    f"WHERE id IN {_IN} ORDER BY id"
 )
-_SQL_HELD_SIZES = (
-    "SELECT count(*), CAST(total(size) AS INTEGER) FROM queue "
-    f"WHERE lease_id = ? AND id IN {_IN}"
-)
-_SQL_DELETE_HELD = f"DELETE FROM queue WHERE lease_id = ? AND id IN {_IN}"
-_SQL_DROP_CANDIDATES = (
-    "SELECT id, size, lease_id FROM queue "
-    "WHERE lease_id = 0 OR lease_expires_at <= ? ORDER BY id"
-)
+_SQL_DROP_CANDIDATES = "SELECT id, size FROM queue ORDER BY id"
 _SQL_EVICT_DEAD = (
     "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters ORDER BY id LIMIT ?)"
 )
@@ -109,6 +98,22 @@ _SQL_DEAD_PAGE = (
     "SELECT id, payload, enqueued_at, attempts, reason, last_status, dead_at "
     "FROM dead_letters ORDER BY id LIMIT ? OFFSET ?"
 )
+
+
+_FRESH = 0  # candidate sources in _eligible(); a positive source is an expired lease id
+_DUE = -1
+_EARLIEST_RETRY = 1.0  # next_attempt_at of a released row is never 0 ("never leased")
+
+
+class _Lease:
+    """One lease in memory: its expiry and the rows it still holds (id -> size)."""
+
+    __slots__ = ("expires", "sizes", "returned")
+
+    def __init__(self, expires: float) -> None:
+        self.expires = expires
+        self.sizes: Dict[int, int] = {}
+        self.returned = False  # expired and its rows put back in the _returned heap
 
 
 def _chunks(ids: Sequence[int]) -> Iterator[List[int]]:
@@ -165,6 +170,17 @@ class SQLiteStore:
         (self._dead,) = self._conn.execute("SELECT count(*) FROM dead_letters").fetchone()
         self._evicting = 0
         self._saved: Tuple[int, int, int] = (self._queued, self._queued_bytes, self._dead)
+        self._forget_leases()
+
+    def _forget_leases(self) -> int:
+        """Drop every lease held in memory; their rows are eligible again. Returns how
+        many rows were held."""
+        held = len(getattr(self, "_holder", ()))
+        self._cursor = 0  # rows with next_attempt_at = 0 and a larger id: never leased
+        self._leases: Dict[int, _Lease] = {}
+        self._holder: Dict[int, int] = {}  # row id -> lease id, while held
+        self._returned: List[Tuple[int, int, int]] = []  # heap of expired (id, size, lease)
+        return held
 
     # ------------------------------------------------------------ transactions
     def begin(self) -> None:
@@ -200,6 +216,10 @@ class SQLiteStore:
                 pass  # the transaction is gone either way; counters are restored below
         self._queued, self._queued_bytes, self._dead = self._saved
         self._evicting = 0
+        # Leases handed out in the lost transaction never reached a sender (the writer
+        # drops its replies); forgetting every lease is the simple safe answer: rows of
+        # earlier, still running leases may be sent twice, never lost.
+        self._forget_leases()
 
     @contextmanager
     def _write(self, what: str) -> Iterator[None]:
@@ -237,19 +257,19 @@ class SQLiteStore:
         excess_bytes = self._queued_bytes + nbytes - self.max_bytes
         if excess_events <= 0 and excess_bytes <= 0:
             return 0
-        by_lease: dict[int, List[int]] = {}
-        cursor = self._conn.execute(_SQL_DROP_CANDIDATES, (now,))
-        for row_id, size, lease_id in cursor:
+        victims: List[int] = []
+        cursor = self._conn.execute(_SQL_DROP_CANDIDATES)
+        for row_id, size in cursor:
             if excess_events <= 0 and excess_bytes <= 0:
                 break
-            by_lease.setdefault(lease_id, []).append(row_id)
+            lease_id = self._holder.get(row_id)
+            if lease_id is not None and self._leases[lease_id].expires > now:
+                continue  # in flight: its sender may still deliver it
+            victims.append(row_id)
             excess_events -= 1
             excess_bytes -= size
         cursor.close()
-        return sum(
-            self._move_dead(lease_id, ids, "store_full", 0, now, add_attempts=0)
-            for lease_id, ids in by_lease.items()
-        )
+        return self._move_dead(victims, "store_full", 0, now, add_attempts=0)
 
     def lease(
         self,
@@ -261,84 +281,160 @@ class SQLiteStore:
     ) -> List[QueuedEvent]:
         if lease_id == 0:
             raise ValueError("lease_id: 0 means 'not leased'; use a non-zero id")
+        if lease_id in self._leases:
+            raise ValueError(f"lease_id: {lease_id} is in use")
         if max_events < 1:
             return []
         with self._write("lease"):
+            self._expire(now)
             candidates = self._eligible(max_events, now)
             if not candidates:
                 return []
-            count = batching.take([size for _, size in candidates], max_bytes, max_events)
-            chosen = [row_id for row_id, _ in candidates[:count]]
-            expires = now + lease_seconds
+            count = batching.take([c[1] for c in candidates], max_bytes, max_events)
+            chosen, rest = candidates[:count], candidates[count:]
+            for row_id, size, source in rest:
+                if source > 0:  # an expired lease's row not taken this time: keep it
+                    heapq.heappush(self._returned, (row_id, size, source))
+            unreleased = [c[0] for c in chosen if c[2] == _DUE]
+            for part in _chunks(unreleased):
+                self._conn.execute(_SQL_UNRELEASE, part)
+            fresh = [c[0] for c in chosen if c[2] == _FRESH]
+            if fresh:
+                self._cursor = max(self._cursor, fresh[-1])
             rows: List[Tuple[int, float, int, bytes]] = []
-            for part in _chunks(chosen):
-                # A chosen row that still names a lease is coming off an expired one
-                # (release clears lease_id; ack and dead-letter delete the row).
-                (expired,) = self._conn.execute(_SQL_EXPIRED_COUNT, part).fetchone()
-                self.expired_leased += expired
-                self._conn.execute(_SQL_LEASE, (lease_id, expires, expires, *part))
+            for part in _chunks([c[0] for c in chosen]):
                 rows.extend(self._conn.execute(_SQL_LEASED_ROWS, part))
+        lease = _Lease(now + lease_seconds)
+        for row_id, size, source in chosen:
+            if source > 0:
+                self._leases[source].sizes.pop(row_id, None)
+                self.expired_leased += 1
+            lease.sizes[row_id] = size
+            self._holder[row_id] = lease_id
+        self._leases[lease_id] = lease
         rows.sort()
         return [QueuedEvent(id=r[0], payload=bytes(r[3]), enqueued_at=r[1], attempts=r[2]) for r in rows]
 
-    def _eligible(self, limit: int, now: float) -> List[Tuple[int, int]]:
-        """Up to ``limit`` (id, size) of eligible rows, oldest first: never-touched rows
-        merged with touched rows that are due again. Touched rows younger than the
-        ``limit``-th untouched one cannot make the cut, so the search stops there."""
-        fresh = self._conn.execute(_SQL_FRESH, (limit,)).fetchall()
+    def _expire(self, now: float) -> None:
+        """Leases past their expiry give their rows back (to the ``_returned`` heap);
+        the rows stay attributed to the old lease until leased again, so a late release
+        or dead-letter by that lease still applies."""
+        for lease_id, lease in list(self._leases.items()):
+            if not lease.sizes:
+                del self._leases[lease_id]
+            elif not lease.returned and lease.expires <= now:
+                lease.returned = True
+                for row_id, size in lease.sizes.items():
+                    heapq.heappush(self._returned, (row_id, size, lease_id))
+
+    def _eligible(self, limit: int, now: float) -> List[Tuple[int, int, int]]:
+        """Eligible rows, oldest first (the first ``limit`` of them are the oldest of
+        all; more may follow), as (id, size, source): source
+        ``_FRESH`` (never leased), ``_DUE`` (released, retry time passed) or the id of
+        the expired lease that last held it. Rows younger than the ``limit``-th fresh
+        one cannot make the cut, so the other searches stop there."""
+        holder = self._holder
+        fresh = [(i, size, _FRESH) for i, size in
+                 self._conn.execute(_SQL_FRESH, (self._cursor, limit)).fetchall()
+                 if i not in holder]
         bound = fresh[-1][0] if len(fresh) == limit else _MAX_ID
+        returned: List[Tuple[int, int, int]] = []
+        while self._returned and len(returned) < limit and self._returned[0][0] < bound:
+            row_id, size, lease_id = heapq.heappop(self._returned)
+            if holder.get(row_id) == lease_id:  # not acked, released or leased since
+                returned.append((row_id, size, lease_id))
         probe = limit * _PROBE_FACTOR
-        (due,) = self._conn.execute(_SQL_DUE_COUNT, (now, bound, probe)).fetchone()
-        if due == 0:
-            return fresh
-        # Few due rows: take them all from the index and sort (cost ~ due). Many (just
-        # after an outage): walk the table in id order, where they are dense.
-        sql = _SQL_DUE_BY_INDEX if due < probe else _SQL_DUE_BY_ID
-        retry = self._conn.execute(sql, (now, bound, limit)).fetchall()
-        return list(itertools.islice(heapq.merge(retry, fresh), limit))
+        (due_count,) = self._conn.execute(_SQL_DUE_COUNT, (now, bound, probe)).fetchone()
+        due: List[Tuple[int, int, int]] = []
+        if due_count:
+            # Few due rows: take them all from the index and sort (cost ~ due). Many
+            # (just after an outage): walk the table in id order, where they are dense.
+            sql = _SQL_DUE_BY_INDEX if due_count < probe else _SQL_DUE_BY_ID
+            due = [(i, size, _DUE) for i, size in self._conn.execute(sql, (now, bound, limit))]
+        # Not cut to ``limit`` here: lease() puts the expired-lease rows it does not
+        # take back in the heap.
+        return list(heapq.merge(fresh, due, returned))
 
     def ack(self, lease_id: int, ids: Sequence[int]) -> int:
         deleted = 0
         with self._write("ack"):
-            for part in _chunks(ids):
+            known, other = self._split_held(ids)
+            for part in _chunks(other):  # not held: may be gone already
                 count, nbytes = self._conn.execute(_SQL_SIZES, part).fetchone()
                 self._conn.execute(_SQL_ACK, part)
                 deleted += count
                 self._queued -= count
                 self._queued_bytes -= nbytes
+            for part in _chunks([i for i, _ in known]):  # held rows exist; sizes known
+                self._conn.execute(_SQL_ACK, part)
+            deleted += len(known)
+            self._queued -= len(known)
+            self._queued_bytes -= sum(size for _, size in known)
+        self._unhold([i for i, _ in known])
         return deleted
 
+    def _split_held(self, ids: Sequence[int]) -> Tuple[List[Tuple[int, int]], List[int]]:
+        """(held rows with their sizes, other ids), duplicates dropped."""
+        known: List[Tuple[int, int]] = []
+        other: List[int] = []
+        seen = set()
+        for i in ids:
+            if i in seen:
+                continue
+            seen.add(i)
+            lease_id = self._holder.get(i)
+            if lease_id is None:
+                other.append(i)
+            else:
+                known.append((i, self._leases[lease_id].sizes[i]))
+        return known, other
+
+    def _unhold(self, ids: Sequence[int]) -> None:
+        for i in ids:
+            lease_id = self._holder.pop(i, None)
+            if lease_id is not None:
+                lease = self._leases.get(lease_id)
+                if lease is not None:
+                    lease.sizes.pop(i, None)
+
     def release(self, lease_id: int, ids: Sequence[int], retry_at: float, now: float) -> int:
-        if lease_id == 0:
-            return 0  # rows with lease_id 0 are not held by anyone
-        released = 0
+        held = sorted({i for i in ids if self._holder.get(i) == lease_id})
+        if lease_id == 0 or not held:
+            return 0  # lease 0 holds nothing
+        # next_attempt_at > 0 marks a released row (0 would mean "never leased").
+        retry_at = max(retry_at, _EARLIEST_RETRY)
         with self._write("release"):
-            for part in _chunks(ids):
-                released += self._conn.execute(_SQL_RELEASE, (retry_at, lease_id, *part)).rowcount
-        return released
+            for part in _chunks(held):
+                self._conn.execute(_SQL_RELEASE, (retry_at, *part))
+        self._unhold(held)
+        return len(held)
 
     def dead_letter(
         self, lease_id: int, ids: Sequence[int], reason: str, status: int, now: float
     ) -> int:
+        if lease_id:
+            targets = sorted({i for i in ids if self._holder.get(i) == lease_id})
+        else:
+            targets = sorted({i for i in ids if i not in self._holder})
         with self._write("dead_letter"):
-            return self._move_dead(lease_id, ids, reason, status, now, add_attempts=1)
+            return self._move_dead(targets, reason, status, now, add_attempts=1)
 
     def _move_dead(
-        self, lease_id: int, ids: Sequence[int], reason: str, status: int, now: float,
-        add_attempts: int,
+        self, ids: Sequence[int], reason: str, status: int, now: float, add_attempts: int,
     ) -> int:
-        """Move rows held by ``lease_id`` among ``ids`` to dead letters, in id order,
-        then evict the oldest dead letters over the cap. Returns rows moved."""
+        """Move the rows ``ids`` (those that exist) to dead letters, in id order, then
+        evict the oldest dead letters over the cap. Returns rows moved."""
         moved = 0
         for part in _chunks(ids):
-            count, nbytes = self._conn.execute(_SQL_HELD_SIZES, (lease_id, *part)).fetchone()
+            count, nbytes = self._conn.execute(_SQL_SIZES, part).fetchone()
             if not count:
                 continue
-            self._conn.execute(_SQL_COPY_DEAD, (add_attempts, reason, status, now, lease_id, *part))
-            self._conn.execute(_SQL_DELETE_HELD, (lease_id, *part))
+            self._conn.execute(_SQL_COPY_DEAD, (add_attempts, reason, status, now, *part))
+            self._conn.execute(_SQL_ACK, part)
             moved += count
             self._queued -= count
             self._queued_bytes -= nbytes
+        self._unhold(ids)
         self._dead += moved
         over = self._dead - self.max_dead_letters
         if over > 0:
@@ -348,17 +444,20 @@ class SQLiteStore:
         return moved
 
     def clear_leases(self) -> int:
+        freed = self._forget_leases()
         with self._write("clear_leases"):
-            return self._conn.execute(
-                # next_attempt_at of a leased row is its lease's expiry: 0 frees it now.
+            # Files written before leases moved to memory kept them in these columns
+            # (next_attempt_at was the lease's expiry): free those rows too.
+            return freed + self._conn.execute(
                 "UPDATE queue SET lease_id = 0, lease_expires_at = 0, next_attempt_at = 0 "
                 "WHERE lease_id != 0"
             ).rowcount
 
     # ------------------------------------------------------------ reads
     def stats(self, now: float) -> StoreStats:
+        leased = sum(len(lease.sizes) for lease in self._leases.values() if lease.expires > now)
         try:
-            return _stats(self._conn, now, self._queued, self._queued_bytes, self._dead)
+            return _stats(self._conn, now, self._queued, self._queued_bytes, self._dead, leased)
         except sqlite3.Error as exc:
             raise migrations.store_error(self.path, "stats", exc) from exc
 
@@ -487,7 +586,11 @@ class ReadOnlyStore:
                 "SELECT count(*), CAST(total(size) AS INTEGER) FROM queue INDEXED BY queue_ready"
             ).fetchone()
             (dead,) = conn.execute("SELECT count(*) FROM dead_letters").fetchone()
-            return _stats(conn, now, queued, nbytes, dead)
+            (leased,) = conn.execute(  # leases of files written by older releases
+                "SELECT count(*) FROM queue INDEXED BY queue_leased "
+                "WHERE lease_id != 0 AND lease_expires_at > ?", (now,)
+            ).fetchone()
+            return _stats(conn, now, queued, nbytes, dead, leased)
 
         return self._read(query)
 
@@ -505,11 +608,8 @@ class ReadOnlyStore:
 
 
 # ---------------------------------------------------------------- shared queries
-def _stats(conn: sqlite3.Connection, now: float, queued: int, nbytes: int, dead: int) -> StoreStats:
-    (leased,) = conn.execute(
-        "SELECT count(*) FROM queue INDEXED BY queue_leased "
-        "WHERE lease_id != 0 AND lease_expires_at > ?", (now,)
-    ).fetchone()
+def _stats(conn: sqlite3.Connection, now: float, queued: int, nbytes: int, dead: int,
+           leased: int) -> StoreStats:
     oldest = conn.execute("SELECT enqueued_at FROM queue ORDER BY id LIMIT 1").fetchone()
     return StoreStats(
         queued=queued, queued_bytes=nbytes, leased=leased, dead_letters=dead,

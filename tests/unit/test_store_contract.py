@@ -7,6 +7,7 @@ was committed before. Time is passed as ``now``; nothing sleeps.
 
 from __future__ import annotations
 
+import os
 import json
 from pathlib import Path
 from typing import Any, Callable, Dict, List
@@ -346,9 +347,10 @@ def test_reopen_keeps_committed_data_only(open_store: Factory) -> None:
     again = open_store()
     assert again.producer_seq(b"p") == 3
     assert again.stats(T0).queued == 3
-    assert again.clear_leases() == 1
+    assert again.stats(T0).leased == 0  # a new store instance owns no leases
+    again.clear_leases()
     again.commit()
-    assert [e.payload for e in lease(again, 2)] == payloads
+    assert [e.payload for e in lease(again, 2)] == payloads  # the leased row included
 
 
 # ------------------------------------------------------------------ against a model
@@ -476,5 +478,5 @@ def test_store_agrees_with_a_model(name: str) -> None:
     from hypothesis import settings as hsettings
 
     machine = _machine(FACTORIES[name])
-    machine.TestCase.settings = hsettings(max_examples=40, stateful_step_count=25, deadline=None)
+    machine.TestCase.settings = hsettings(max_examples=int(os.environ.get("SP_STORE_MODEL_EXAMPLES", "40")), stateful_step_count=25, deadline=None)
     machine.TestCase().runTest()
