@@ -483,9 +483,20 @@ class Writer:
         if self._dirty < self.s.wal_max_bytes // 8 and not (
                 self._dirty and now - self._last_checkpoint >= _CHECKPOINT_SECONDS):
             return
-        self.store.checkpoint(truncate=self.store.wal_bytes() > self.s.wal_max_bytes // 2)
-        self._dirty = 0
         self._last_checkpoint = now
+        try:
+            self.store.checkpoint(truncate=self.store.wal_bytes() > self.s.wal_max_bytes // 2)
+        except StoreFull as exc:
+            # Committed events are safe in the WAL; the checkpoint is retried after the
+            # pause, and producers are not read meanwhile (the WAL must not grow).
+            log.error("no space left to checkpoint the WAL, not reading producers for %g s: %s",
+                      _DISK_FULL_PAUSE_SECONDS, exc)
+            self._full_until = now + _DISK_FULL_PAUSE_SECONDS
+            return
+        except StoreError as exc:
+            log.error("checkpoint failed, retried later: %s", exc)
+            return
+        self._dirty = 0
 
 
 def _empty_batch(req_id: int) -> bytes:

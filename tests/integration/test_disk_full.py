@@ -32,8 +32,13 @@ def small_fs(short_dir):
     subprocess.run(["umount", "-l", mnt], capture_output=True)
 
 
-def test_full_disk_then_space_returns(small_fs, short_dir):
-    w = WriterProcess(short_dir, store=os.path.join(small_fs, "events.db"))
+@pytest.mark.parametrize("wal_max_bytes", [64 << 20, 16 << 10],
+                         ids=["default-wal", "checkpoint-every-commit"])
+def test_full_disk_then_space_returns(small_fs, short_dir, wal_max_bytes):
+    # With a 16 KiB WAL limit the writer checkpoints after almost every commit, so the
+    # disk fills during a checkpoint too (committed events stay safe in the WAL).
+    w = WriterProcess(short_dir, store=os.path.join(small_fs, "events.db"),
+                      wal_max_bytes=wal_max_bytes)
     try:
         w.start()
         label = "x" * 2000  # ~2 KB events: the 1 MiB filesystem fills within ~500
