@@ -271,7 +271,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # too big to drain: hang up after the answer
             self._send(413, b"body too large\n", "text/plain")
             return None
-        return self.rfile.read(size)
+        body = self.rfile.read(size)
+        if len(body) < size:
+            # The client hung up mid-body (a sender killed mid-request): no request was
+            # made, so nothing is recorded, good or bad, and nobody is left to answer.
+            self.close_connection = True
+            log.debug("request body cut off after %d of %d bytes", len(body), size)
+            return None
+        return body
 
     def _send(self, status: int, body: bytes, content_type: str,
               headers: Optional[Dict[str, str]] = None) -> None:

@@ -7,6 +7,7 @@ import base64
 import gzip
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -211,6 +212,20 @@ def test_faults_change_at_run_time_over_http(http: urllib3.PoolManager, collecto
     assert r.status == 400 and b"fail_rate" in r.data
     r = http.request("POST", collector.url + "/micro/faults", body=b'{"nope": 1}')
     assert r.status == 400 and b"nope" in r.data
+
+
+def test_body_cut_off_by_a_client_that_dies_records_nothing(http: urllib3.PoolManager,
+                                                          collector: Collector) -> None:
+    # A sender killed mid-request leaves half a body: that is no request, not a bad event.
+    body = envelope(event(), event())
+    with socket.create_connection(("127.0.0.1", collector.port), timeout=5) as s:
+        s.sendall(f"POST {TP2} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:len(body) // 2])
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(100) == b""  # hung up without an answer
+    assert post(http, collector, envelope(event())).status == 200  # and serving the next
+    assert micro(http, collector, "all") == {"total": 1, "good": 1, "bad": 0}
+    assert micro(http, collector, "requests")[0]["events"] == 1
 
 
 def test_reset_forgets_everything(http: urllib3.PoolManager, collector: Collector) -> None:
