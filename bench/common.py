@@ -137,6 +137,30 @@ def pss_mb(pid: int) -> Optional[float]:
     return None
 
 
+def cpu_seconds(pid: int) -> Optional[float]:
+    """User plus system CPU seconds ``pid`` has used (/proc/PID/stat); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def role_cpu(pipeline: Any, **others: Sequence[int]) -> Dict[str, float]:
+    """CPU seconds used so far per role of a running ``Pipeline`` (senders summed), the
+    supervisor, and each group of pids in ``others`` (e.g. ``collector=[pid]``)."""
+    groups: Dict[str, List[int]] = {}
+    for child in pipeline.children():
+        if child.get("pid"):
+            groups.setdefault(child["role"], []).append(child["pid"])
+    sup = pipeline.supervisor_pid()
+    if sup:
+        groups["supervisor"] = [sup]
+    groups.update({name: list(pids) for name, pids in others.items()})
+    return {name: sum(cpu_seconds(pid) or 0.0 for pid in pids) for name, pids in groups.items()}
+
+
 def role_rss(pipeline: Any, measure: Callable[[int], Optional[float]] = rss_mb
              ) -> Dict[str, float]:
     """MB per role of a running ``sp_pipeline.testing.Pipeline`` (``measure``: ``rss_mb``

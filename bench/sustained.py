@@ -14,12 +14,22 @@ Two phases, each with a fresh collector, pipeline and store:
    ``sp_pipeline_delivery_latency_seconds`` histogram (store enqueue to 2xx, from the
    exporter) is reported beside it, interpolated within its buckets.
 
-Both phases sample every second: the RSS of the writer and the senders (from
+3. **steady**: the highest steady rate: offered rates from ``--steady-rates`` in turn,
+   ``--step`` seconds each with a fresh pipeline, until one is not kept up with. A rate
+   is kept up with when the producers offered at least 95 % of it and the collector
+   received at least 95 % of what was offered, after the warmup. The max phase shows
+   what arrives while producers take all the CPU they can; this one, the rate the
+   pipeline sustains with its producers on the same 2 cores.
+
+Every phase samples every second: the RSS of the writer and the senders (from
 /proc/PID/status of the pids in RUN_DIR/children.json) and the WAL size
 (``events.db-wal``). An event is one tracker-protocol payload (a transaction with 2 items
-is 3). Writes bench/results/sustained.json.
+is 3). Each phase also reports where the CPU went after the warmup: cores used by each
+role, the collector and the producers, and CPU microseconds per delivered event.
+Writes bench/results/sustained.json.
 
     python bench/sustained.py [--duration 60] [--rate 10000] [--producers 1] [--quick]
+                              [--phases steady,latency,max] [--steady-rates 10000,...]
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from common import (  # noqa: E402
     file_mb,
     free_port,
     percentile,
+    role_cpu,
     role_rss,
     write_result,
 )
@@ -50,6 +61,7 @@ from sp_pipeline.samples import mixed_events, payload_count, sample_subject  # n
 from sp_pipeline.testing import LocalCollector, Pipeline, http_json  # noqa: E402
 
 TARGETS = {"delivered_events_per_s": 40_000, "p99_ms_at_rate": 250}
+KEPT_UP = 0.95  # share of the offered rate that must arrive for a steady step to pass
 MIX = 7000  # distinct sample events a producer cycles through (eids are new every time)
 
 
@@ -157,6 +169,8 @@ def run_phase(name: str, root: str, rate: Optional[float], args: argparse.Namesp
         samples: List[Dict[str, Any]] = []
         latencies: Dict[str, float] = {}
         hist_before: Dict[float, float] = {}
+        cpu: List[Any] = []  # (t, good, {role: CPU seconds}) at the warmup's end and at the end
+        others = {"collector": [collector.proc.pid], "producers": [p.pid for p in procs]}
         progress = Progress(f"{name}")
         next_tick = start
         while True:
@@ -168,6 +182,8 @@ def run_phase(name: str, root: str, rate: Optional[float], args: argparse.Namesp
                       "offered": sum(v.value for v in offered), "rss_mb": rss,
                       "wal_mb": file_mb(pipe.store + "-wal"), "db_mb": file_mb(pipe.store)}
             samples.append(sample)
+            if (not cpu and elapsed >= args.warmup) or elapsed >= args.duration:
+                cpu.append((elapsed, good, role_cpu(pipe, **others)))
             if rate is not None and elapsed >= args.warmup:
                 if not hist_before:
                     hist_before = scrape_histogram(metrics_url, hist) or {0.0: 0.0}
@@ -184,7 +200,7 @@ def run_phase(name: str, root: str, rate: Optional[float], args: argparse.Namesp
         for p in procs:
             p.join(60)
         pipe.stop()
-    return summarize_phase(name, rate, args, samples, latencies, hist_before, hist_after)
+    return summarize_phase(name, rate, args, samples, latencies, hist_before, hist_after, cpu)
 
 
 def _rate_between(samples: List[Dict[str, Any]], key: str, t0: float) -> Optional[float]:
@@ -196,8 +212,8 @@ def _rate_between(samples: List[Dict[str, Any]], key: str, t0: float) -> Optiona
 
 def summarize_phase(name: str, rate: Optional[float], args: argparse.Namespace,
                     samples: List[Dict[str, Any]], latencies: Dict[str, float],
-                    hist_before: Dict[float, float], hist_after: Dict[float, float]
-                    ) -> Dict[str, Any]:
+                    hist_before: Dict[float, float], hist_after: Dict[float, float],
+                    cpu: List[Any]) -> Dict[str, Any]:
     lat = list(latencies.values())
 
     def peak(role: str) -> Optional[float]:
@@ -223,8 +239,63 @@ def summarize_phase(name: str, rate: Optional[float], args: argparse.Namespace,
         "peak_rss_mb": {role: peak(role) for role in ("writer", "sender", "exporter",
                                                       "supervisor", "total")},
         "peak_wal_mb": max(s["wal_mb"] for s in samples),
+        "cpu": cpu_breakdown(cpu),
         "samples": samples,
     }
+
+
+def cpu_breakdown(cpu: List[Any]) -> Optional[Dict[str, Any]]:
+    """Where the CPU went between the warmup's end and the end: cores used per role
+    and CPU microseconds per delivered event (producers' time per delivered event too,
+    which is their time per tracked event when the pipeline keeps up)."""
+    if len(cpu) < 2 or cpu[-1][0] <= cpu[0][0]:
+        return None
+    (t0, good0, before), (t1, good1, after) = cpu[0], cpu[-1]
+    seconds, delivered = t1 - t0, good1 - good0
+    used = {role: after[role] - before.get(role, 0.0) for role in after}
+    used["total"] = sum(used.values())
+    return {
+        "window_s": round(seconds, 3), "delivered": delivered,
+        "cores": {role: round(v / seconds, 3) for role, v in used.items()},
+        "us_per_delivered_event": {role: round(v / delivered * 1e6, 1) if delivered else None
+                                   for role, v in used.items()},
+    }
+
+
+def cpu_line(cpu: Optional[Dict[str, Any]]) -> str:
+    if not cpu:
+        return "cpu: no window"
+    per = cpu["us_per_delivered_event"]
+    parts = [f"{role} {cpu['cores'][role]:.2f} cores/{per[role] or 0:.0f} us"
+             for role in sorted(per, key=lambda r: -(per[r] or 0)) if role != "total"]
+    return (f"cpu per delivered event: {per['total'] or 0:.0f} us in all "
+            f"({cpu['cores']['total']:.2f} cores): " + ", ".join(parts))
+
+
+def steady_search(root: str, args: argparse.Namespace) -> Dict[str, Any]:
+    """Offer each of ``--steady-rates`` in turn until one is not kept up with."""
+    step_args = argparse.Namespace(**vars(args))
+    step_args.duration, step_args.warmup = args.step, min(4.0, args.step / 3)
+    steps: List[Dict[str, Any]] = []
+    highest: Optional[float] = None
+    for rate in [float(r) for r in args.steady_rates.split(",") if r]:
+        res = run_phase(f"steady-{rate:.0f}", root, rate, step_args)
+        res.pop("samples")
+        offered = res["offered_events_per_s"] or 0.0
+        delivered = res["delivered_events_per_s"] or 0.0
+        res["kept_up"] = offered >= KEPT_UP * rate and delivered >= KEPT_UP * offered
+        steps.append(res)
+        lat = res["latency_ms"]
+        print(f"  steady {rate:>7,.0f}/s: offered {offered:,.0f}/s, delivered {delivered:,.0f}/s, "
+              f"p99 {lat['p99'] or 0:.0f} ms -> {'kept up' if res['kept_up'] else 'fell behind'}"
+              f"\n          {cpu_line(res['cpu'])}", flush=True)
+        if not res["kept_up"]:
+            break
+        highest = rate
+    print(f"  steady: highest rate kept up with: "
+          f"{'none tried' if highest is None else f'{highest:,.0f} events/s'}", flush=True)
+    return {"phase": "steady", "highest_steady_events_per_s": highest, "kept_up_share": KEPT_UP,
+            "step_s": args.step, "steps": steps}
 
 
 def main() -> int:
@@ -237,7 +308,12 @@ def main() -> int:
     parser.add_argument("--producers", type=int, default=1, help="producer processes")
     parser.add_argument("--sample", type=int, default=500,
                         help="newest good events read each second for latency")
-    parser.add_argument("--phases", default="max,latency", help="comma-separated: max,latency")
+    parser.add_argument("--phases", default="steady,latency,max",
+                        help="comma-separated: steady,latency,max")
+    parser.add_argument("--steady-rates", default="10000,12500,15000,17500,20000,25000,30000,40000",
+                        help="offered rates (events/s) the steady phase tries in turn")
+    parser.add_argument("--step", type=float, default=15.0,
+                        help="seconds per steady step (warmup: 4 s of them)")
     parser.add_argument("--quick", action="store_true", help="10 s phases")
     parser.add_argument("--pipeline-arg", dest="pipeline_args", action="append", default=[],
                         help="extra `sp-pipeline start` argument (repeatable), e.g. "
@@ -252,6 +328,9 @@ def main() -> int:
     print(f"workdir {root}; {args.producers} producer(s), {args.duration:g} s per phase")
     phases: Dict[str, Any] = {}
     for name in [p for p in args.phases.split(",") if p]:
+        if name == "steady":
+            phases[name] = steady_search(root, args)
+            continue
         rate = None if name == "max" else args.rate
         res = run_phase(name, root, rate, args)
         phases[name] = res
@@ -267,6 +346,7 @@ def main() -> int:
                      f"p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms, max {lat['max']:.0f} ms"
                      f"; pipeline histogram p50 "
                      f"{(h['p50'] or 0) * 1000:.0f} ms, p99 {(h['p99'] or 0) * 1000:.0f} ms")
+        line += "\n          " + cpu_line(res["cpu"])
         print(line, flush=True)
     path = write_result("sustained", {
         "duration_s": args.duration, "rate": args.rate, "producers": args.producers,
