@@ -354,6 +354,7 @@ PAYLOAD_DATA_1_0_4 = f"iglu:{SNOWPLOW}/payload_data/jsonschema/1-0-4"
 
 #: Event fields holding self-describing JSON (plain or base64url), checked in this order.
 _JSON_FIELDS = ("cx", "co", "ue_px", "ue_pr")
+_JSON_FIELD_SET = frozenset(_JSON_FIELDS)
 #: Distinct valid JSON field values remembered per checker (see ``_check_alone``).
 JSON_FIELD_CACHE = 1024
 
@@ -421,6 +422,17 @@ class EventChecker:
         if not isinstance(body["data"], list) or not body["data"]:
             raise EnvelopeError("data: must be an array of at least 1 event")
         return items, body["data"]
+
+    def plain_and_valid(self, event: Any, items: Optional[Validator] = None) -> bool:
+        """True for a valid event with no JSON field to decode (no ``cx``, ``co``,
+        ``ue_px``, ``ue_pr``, and not a self-describing event): most events of a
+        batch, recognised without building an ``Inspection`` or a path. False means
+        "not known to be fine": call ``event()`` for the full story."""
+        if type(event) is not dict or not _JSON_FIELD_SET.isdisjoint(event) or event.get("e") == "ue":
+            return False
+        errors: List[str] = []
+        (items or self.default_items).check(event, "$", errors)
+        return not errors
 
     def event(self, event: Any, path: str, items: Optional[Validator] = None) -> Inspection:
         """Check one event (a flat dict of strings) and decode its JSON fields."""
