@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Tuple
+from typing import Dict, List, Optional, Tuple
 
 from . import exitcodes
 from .config import Settings
@@ -22,16 +22,57 @@ from .config import Settings
 log = logging.getLogger("sp_pipeline.exporter")
 
 
-def health(run_dir: str) -> Tuple[bool, dict]:
-    """(healthy, detail) from the supervisor's view of its children."""
+def _children(run_dir: str) -> Optional[List[dict]]:
+    """The supervisor's children.json entries; None when there is none to read."""
     try:
         with open(os.path.join(run_dir, "children.json")) as fh:
-            state = json.load(fh)
-    except (OSError, ValueError):
+            return list(json.load(fh).get("children", []))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _running(child: dict) -> bool:
+    return bool(child.get("pid")) and child.get("state") in ("starting", "running")
+
+
+class SupervisorCollector:
+    """``sp_pipeline_process_up{role}`` (running children) and
+    ``sp_pipeline_process_restarts_total{role}`` (restarts since the supervisor
+    started), from children.json at each scrape. Every role the supervisor runs has
+    both series, at 0 before anything happened (increase() cannot see a first
+    increment of a series that did not exist)."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        up = GaugeMetricFamily("sp_pipeline_process_up", "Running child processes by role.",
+                               labels=["role"])
+        restarts = CounterMetricFamily("sp_pipeline_process_restarts",
+                                       "Child processes restarted by the supervisor.",
+                                       labels=["role"])
+        by_role: Dict[str, List[int]] = {}
+        for child in _children(self.run_dir) or []:
+            counts = by_role.setdefault(str(child.get("role")), [0, 0])
+            counts[0] += _running(child)
+            counts[1] += int(child.get("restarts") or 0)
+        for role in sorted(by_role):
+            up.add_metric([role], by_role[role][0])
+            restarts.add_metric([role], by_role[role][1])
+        yield up
+        yield restarts
+
+
+def health(run_dir: str) -> Tuple[bool, dict]:
+    """(healthy, detail) from the supervisor's view of its children."""
+    children = _children(run_dir)
+    if children is None:
         return False, {"reason": "no supervisor state"}
-    running = {}
-    for child in state.get("children", []):
-        if child.get("state") in ("starting", "running"):
+    running: Dict[str, int] = {}
+    for child in children:
+        if _running(child):
             running[child["role"]] = running.get(child["role"], 0) + 1
     ok = running.get("writer", 0) >= 1 and running.get("sender", 0) >= 1
     detail = {"writer": running.get("writer", 0), "senders": running.get("sender", 0)}
@@ -56,6 +97,7 @@ def make_handler(settings: Settings):
             if path == "/metrics":
                 registry = CollectorRegistry()
                 MultiProcessCollector(registry, path=settings.metrics_dir)
+                registry.register(SupervisorCollector(run_dir))
                 self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
             elif path == "/health":
                 ok, detail = health(run_dir)

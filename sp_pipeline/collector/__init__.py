@@ -18,12 +18,27 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .. import exitcodes, logs
 from ..errors import ConfigError, ValidationError
-from .faults import Faults
-from .server import Collector, Limits
+
+if TYPE_CHECKING:
+    from .faults import Faults
+    from .server import Collector, Limits
+
+# The server (http.server, email, the schemas) loads on first use, so that
+# ``sp-pipeline start``, whose parser lists this command's flags, does not carry it.
+_LAZY = {"Collector": "server", "Limits": "server", "Faults": "faults"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Collector", "Faults", "Limits", "run", "add_arguments", "main"]
 
@@ -42,6 +57,8 @@ def run(host: str = "127.0.0.1", port: int = 9095, *, faults: Optional[Faults] =
     when ``ready_file`` is given, writes that URL to it atomically. Logs the counts once
     a minute. Must be called from the main thread (it installs signal handlers).
     """
+    from .server import Collector
+
     try:
         collector = Collector(host, port, faults=faults, limits=limits,
                               allow_remote=allow_remote)
@@ -97,14 +114,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, metavar="BYTES",
                         help="answer 413 to larger request bodies")
     parser.add_argument("--seed", type=int, help="seed of the --fail-rate/--reset-rate draws")
-    parser.add_argument("--good-cap", type=int, default=Limits.good_cap,
-                        help="good events kept in memory (oldest evicted)")
-    parser.add_argument("--bad-cap", type=int, default=Limits.bad_cap,
-                        help="bad events kept in memory (oldest evicted)")
+    parser.add_argument("--good-cap", type=int, default=None,
+                        help="good events kept in memory, oldest evicted (default 20,000)")
+    parser.add_argument("--bad-cap", type=int, default=None,
+                        help="bad events kept in memory, oldest evicted (default 10,000)")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the collector from parsed ``add_arguments`` flags; the exit code."""
+    from .faults import Faults
+
     logs.setup("collector")
     try:
         faults = Faults(status=args.status, fail_rate=args.fail_rate,
@@ -119,8 +138,14 @@ def main(args: argparse.Namespace) -> int:
                ready_file=args.ready_file, limits=limits)
 
 
-def _limits(args: Any) -> Limits:
+def _limits(args: Any) -> "Limits":
+    from .server import Limits
+
+    caps = {}
     for name in ("good_cap", "bad_cap"):
-        if getattr(args, name) < 0:
-            raise ValidationError(name, "must be >= 0")
-    return Limits(good_cap=args.good_cap, bad_cap=args.bad_cap)
+        value = getattr(args, name)
+        if value is not None:
+            if value < 0:
+                raise ValidationError(name, "must be >= 0")
+            caps[name] = value
+    return Limits(**caps)

@@ -115,11 +115,6 @@ class Arbiter:
                 role=role, index=index, command=child_command(role, index, settings_path),
                 env=env, policy=self.policy, clock=self.clock,
             ))
-        from .. import metrics
-
-        for role in {c.role for c in self.children}:
-            # Create each series at 0: increase() cannot see a series' first increment.
-            metrics.PROCESS_RESTARTS.labels(role)
 
     def _record_signal(self, signum: int, frame) -> None:
         self.signals.append(signum)
@@ -164,8 +159,6 @@ class Arbiter:
 
     def _reap_and_restart(self) -> bool:
         """Reap exits, restart due children. True when a role turned FATAL."""
-        from .. import metrics
-
         changed = False
         for child in self.children:
             pid, before = child.pid, child.state
@@ -183,7 +176,6 @@ class Arbiter:
                     return True
             if child.due():
                 child.restart()
-                metrics.PROCESS_RESTARTS.labels(child.role).inc()
                 log.info("restarted %s as pid %s (restart %d)", child.name, child.pid,
                          child.restarts)
                 changed = True
@@ -223,11 +215,8 @@ class Arbiter:
             self._wait(0.02)
 
     def _write_state(self) -> None:
-        from .. import metrics
-
-        for role in {c.role for c in self.children}:
-            metrics.PROCESS_UP.labels(role).set(
-                sum(1 for c in self.children if c.role == role and c.running()))
+        # The exporter turns this file into sp_pipeline_process_up and
+        # sp_pipeline_process_restarts_total at every scrape.
         state = {
             "supervisor_pid": os.getpid(),
             "children": [
@@ -244,13 +233,23 @@ class Arbiter:
 
 
 def _mark_dead(pid: Optional[int]) -> None:
-    if pid is None:
+    """Forget a dead child's ``live*`` gauges, as prometheus_client's
+    ``multiprocess.mark_process_dead`` does (their files are named
+    ``gauge_live<mode>_<pid>.db``), without loading prometheus_client here."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") if pid is not None else None
+    if not directory:
         return
     try:
-        from prometheus_client import multiprocess
-        multiprocess.mark_process_dead(pid)
-    except Exception:  # metrics must never stop supervision
-        pass
+        names = os.listdir(directory)
+    except OSError:
+        return
+    suffix = f"_{pid}.db"
+    for name in names:
+        if name.startswith("gauge_live") and name.endswith(suffix):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:  # metrics must never stop supervision
+                pass
 
 
 def start(settings: Settings, preflight: Optional[Callable[[Settings], int]] = None) -> int:

@@ -23,10 +23,10 @@ import pytest
 
 from sp_pipeline import Client, exitcodes
 from sp_pipeline.events import StructuredEvent
+from sp_pipeline.exporter import SupervisorCollector
 from sp_pipeline.store import open_readonly
 from sp_pipeline.testing import LocalCollector, Pipeline, wait_until
 
-from tests.writer_process import read_metric
 
 pytestmark = pytest.mark.integration
 
@@ -156,8 +156,10 @@ def test_killed_sender_and_writer_are_restarted_and_nothing_is_lost(short_dir):
         duplicates = sum(n - 1 for n in delivered.values())
         # At-least-once: only batches in flight at a kill may come twice.
         assert duplicates <= 1000, f"{duplicates} duplicates"
-        restarts = read_metric(os.path.join(pipeline.run_dir, "metrics"),
-                               "sp_pipeline_process_restarts_total", "role")
+        # What the exporter serves (tests/integration/test_metrics.py scrapes it).
+        restarts = {s.labels["role"]: s.value
+                    for family in SupervisorCollector(pipeline.run_dir).collect()
+                    for s in family.samples if s.name == "sp_pipeline_process_restarts_total"}
         assert {role: n for role, n in restarts.items() if n} == {"sender": 1.0, "writer": 1.0}
         assert pipeline.stop() == exitcodes.OK
 
