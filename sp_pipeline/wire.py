@@ -21,6 +21,8 @@ a ``req_id`` the reply echoes::
 
     LEASE    [1, "L", req_id, max_events, max_bytes, wait_ms]
       -> BATCH [1, "B", req_id, lease_id, [[row_id, payload: bin, enqueued_ms, attempts], ...]]
+         (while nothing is eligible the writer holds the request up to wait_ms, then
+         answers an empty BATCH; with wait_ms 0 it answers at once)
     ACK      [1, "K", req_id, lease_id, [row_id, ...]]
     RELEASE  [1, "F", req_id, lease_id, [row_id, ...], retry_at_ms, status]
     DEAD     [1, "D", req_id, lease_id, [row_id, ...], reason: str, status]

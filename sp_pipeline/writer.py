@@ -373,9 +373,12 @@ class Writer:
             return
         if op == wire.OP_LEASE:
             max_events, max_bytes, wait_ms = args
-            if not self._lease(routing_id, req_id, max_events, max_bytes, now) and wait_ms:
-                self._parked.append(_Parked(routing_id, req_id, max_events, max_bytes,
-                                            now + wait_ms / 1000))
+            if not self._lease(routing_id, req_id, max_events, max_bytes, now):
+                if wait_ms:
+                    self._parked.append(_Parked(routing_id, req_id, max_events, max_bytes,
+                                                now + wait_ms / 1000))
+                else:  # nothing eligible and no wait asked for: say so at once
+                    self._replies.append((routing_id, _empty_batch(req_id)))
             return
         lease_id, ids = args[0], args[1]
         if op == wire.OP_LEASE_ACK:

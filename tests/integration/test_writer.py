@@ -172,6 +172,8 @@ def test_leases_of_a_killed_writer_are_freed_by_the_next(writer_dir):
     # oldest first, with no traffic and no wait for the old leases to expire.
     again = _lease_once(w.settings.lease_endpoint, 300)
     assert again[:100] == first and len(again) == 300
+    # Everything is leased now: a LEASE that asks for no wait is answered at once, empty.
+    assert _lease_once(w.settings.lease_endpoint, 100) == []
     assert w.stop() == exitcodes.OK
     assert count_rows(w.store) == 300
 
