@@ -416,10 +416,13 @@ class Writer:
     def _serve_parked(self, now: float) -> None:
         self._last_parked_check = now
         still: Deque[_Parked] = collections.deque()
+        exhausted = False  # a lease found nothing eligible: the ones after it would not either
         while self._parked:
             p = self._parked.popleft()
-            self._begin()
-            if not self._lease(p.routing_id, p.req_id, p.max_events, p.max_bytes, now):
+            if not exhausted:
+                self._begin()
+                exhausted = not self._lease(p.routing_id, p.req_id, p.max_events, p.max_bytes, now)
+            if exhausted:
                 if now >= p.deadline:
                     self._replies.append((p.routing_id, _empty_batch(p.req_id)))
                 else:
