@@ -102,6 +102,17 @@ def test_lone_oversize_event_is_leased_alone(store: Store) -> None:
     assert [e.payload for e in lease(store, 2, n=10, nbytes=1000)] == [ev(1)]
 
 
+def test_lease_fills_max_bytes_when_the_oldest_rows_are_small(store: Store) -> None:
+    # Small rows ahead of large ones: the queue's mean size says few rows fit, the
+    # oldest rows say many do. The lease takes what fits, not what the mean predicts.
+    store.begin()
+    store.enqueue([ev(i) for i in range(60)] + [ev(100 + i, pad=8000) for i in range(60)], T0)
+    store.commit()
+    limit = batching.post_size([len(ev(i)) for i in range(60)]) + 10
+    batch = store.lease(1, 500, limit, T0, LEASE_S)
+    assert [e.payload for e in batch] == [ev(i) for i in range(60)]
+
+
 def test_lease_excludes_rows_under_an_unexpired_lease(store: Store) -> None:
     fill(store, 5)
     held = lease(store, 1, n=3)
