@@ -41,7 +41,7 @@ _PARKED_RECHECK_SECONDS = 0.1
 _MAX_FRAME_EVENTS = 10_000
 _DISK_FULL_PAUSE_SECONDS = 1.0
 _CHECKPOINT_SECONDS = 1.0
-_INGEST_RCVHWM = 100  # frames queued per producer connection inside the writer
+_INGEST_RCVHWM = 16  # frames queued per producer connection inside the writer
 _ROW_WRITE_BYTES = 128  # WAL bytes a lease, ack or release of one row costs, roughly
 
 
