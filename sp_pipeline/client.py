@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence
 import zmq
 
 from . import wire
-from .errors import BufferFull, ClientClosed, SpPipelineError, ValidationError
+from .errors import BufferFull, ClientClosed, EventsRejected, SpPipelineError, ValidationError
 from .events import SelfDescribingJson, Subject
 from .payload import TrackerInfo, build, encode_event
 
@@ -55,15 +55,16 @@ class ClientStats:
     resent_frames: int = 0
 
 
-class EventsRejected(SpPipelineError):
-    """The writer refused some events (reasons in ``rejections``: seq -> reason)."""
-
-    def __init__(self, rejections: Dict[int, str]) -> None:
-        self.rejections = dict(rejections)
-        reasons = sorted(set(rejections.values()))
-        super().__init__(
-            f"the writer rejected {len(rejections)} frame(s): {', '.join(reasons)}"
-        )
+def _check_sizes(payloads: List[Dict[str, str]], data: List[bytes], limit: int) -> None:
+    """Raise ValidationError for the first payload over ``limit`` bytes, naming its
+    largest field (the one to shorten)."""
+    for payload, encoded in zip(payloads, data):
+        if len(encoded) > limit:
+            field = max(payload, key=lambda k: len(payload[k]))
+            raise ValidationError(
+                field, f"makes the event {len(encoded)} bytes encoded, over the "
+                       f"max_event_bytes limit of {limit} (this field is "
+                       f"{len(payload[field])} characters)")
 
 
 _clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
@@ -94,7 +95,10 @@ class Client:
 
     ``endpoint`` is the writer's ingest address (``sp-pipeline start --ingest``), e.g.
     ``ipc:///run/sp/ingest.sock``. ``max_pending_events`` / ``max_pending_bytes`` bound
-    the events held until the writer confirms them. ``curve_server_key`` (the writer's
+    the events held until the writer confirms them. ``max_event_bytes`` is the largest
+    encoded payload ``track()`` accepts (default: the writer's default
+    ``max_event_bytes``; keep it at or below the writer's, which refuses a whole frame
+    holding a larger event). ``curve_server_key`` (the writer's
     Z85 public key) with ``curve_public_key`` / ``curve_secret_key`` (this producer's
     pair) enable CURVE on a tcp:// endpoint.
     """
@@ -110,6 +114,7 @@ class Client:
         subject: Optional[Subject] = None,
         max_pending_events: int = 100_000,
         max_pending_bytes: int = 64 << 20,
+        max_event_bytes: int = 1 << 20,
         resend_after: float = 2.0,
         curve_server_key: Optional[str] = None,
         curve_public_key: Optional[str] = None,
@@ -120,7 +125,8 @@ class Client:
         if subject is not None and not isinstance(subject, Subject):
             raise ValidationError("subject", "must be a Subject")
         for name, value in (("max_pending_events", max_pending_events),
-                            ("max_pending_bytes", max_pending_bytes)):
+                            ("max_pending_bytes", max_pending_bytes),
+                            ("max_event_bytes", max_event_bytes)):
             if type(value) is not int or value <= 0:
                 raise ValidationError(name, "must be a positive integer")
         if not resend_after > 0:
@@ -136,6 +142,7 @@ class Client:
         self._subject = subject
         self._max_events = max_pending_events
         self._max_bytes = max_pending_bytes
+        self._max_event_bytes = max_event_bytes
         self._resend_after = resend_after
         self._curve = curve if all(curve) else None
         self.stats = ClientStats()
@@ -167,6 +174,8 @@ class Client:
         )
         data = [encode_event(p) for p in payloads]
         nbytes = sum(map(len, data))
+        if nbytes > self._max_event_bytes:  # a total under the limit: none is over it
+            _check_sizes(payloads, data, self._max_event_bytes)
         with self._lock:
             sock = self._sock or self._socket()
             self._tracks += 1

@@ -45,6 +45,19 @@ class FlushTimeout(SpPipelineError, TimeoutError):
         )
 
 
+class EventsRejected(SpPipelineError):
+    """The writer refused frames this client sent (``rejections``: frame seq -> reason,
+    e.g. ``size`` when the writer's ``max_event_bytes`` is below the client's). Raised
+    by ``Client.flush()``; the events of those frames were not stored."""
+
+    def __init__(self, rejections: "dict[int, str]") -> None:
+        self.rejections = dict(rejections)
+        reasons = sorted(set(self.rejections.values()))
+        super().__init__(
+            f"the writer rejected {len(self.rejections)} frame(s): {', '.join(reasons)}"
+        )
+
+
 class ClientClosed(SpPipelineError):
     """The client was used after ``close()``."""
 

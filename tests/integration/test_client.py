@@ -135,6 +135,30 @@ def test_invalid_event_is_refused_before_sending(ipc_endpoint):
         assert rx.events() == []
 
 
+def test_event_over_max_event_bytes_is_refused_naming_its_largest_field(ipc_endpoint):
+    big = "x" * 3000
+    with FrameReceiver(ipc_endpoint) as rx, \
+            Client(ipc_endpoint, namespace="ns", max_event_bytes=2000) as client:
+        with pytest.raises(ValidationError) as err:
+            client.track(StructuredEvent("c", "a", label=big))
+        assert err.value.field == "se_la"
+        assert "max_event_bytes" in err.value.rule and "2000" in err.value.rule
+        with pytest.raises(ValidationError) as err:  # an item of a transaction, too
+            client.track(EcommerceTransaction("o-1", 1, items=[EcommerceItem("s", 1, 1, name=big)]))
+        assert err.value.field == "ti_nm"
+        assert client.pending_events == 0  # nothing of a refused call was queued
+        eid = client.track(StructuredEvent("c", "a", label="x" * 1500))
+        client.flush(5)
+        assert [e["eid"] for e in rx.wait_for_events(1)] == [eid]
+
+
+def test_client_event_size_limit_defaults_to_the_writers():
+    import inspect
+    from sp_pipeline import config
+    default = inspect.signature(Client).parameters["max_event_bytes"].default
+    assert default == config.load({}, env={}).max_event_bytes
+
+
 def test_bad_endpoint_is_a_validation_error():
     with pytest.raises(ValidationError) as err:
         Client("http://localhost:1", namespace="ns")

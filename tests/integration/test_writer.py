@@ -26,7 +26,7 @@ import pytest
 import zmq
 
 from sp_pipeline import Client, exitcodes, wire
-from sp_pipeline.errors import BufferFull, FlushTimeout
+from sp_pipeline.errors import BufferFull, EventsRejected, FlushTimeout
 from sp_pipeline.events import StructuredEvent
 from sp_pipeline.testing import wait_until
 from tests.writer_process import _killpg, count_rows, eid_of, queue_eids, ro_connect, valid_event
@@ -416,4 +416,20 @@ def test_when_full_drop_oldest_dead_letters_the_oldest(writer_dir):
     assert reasons == [("store_full",)]
     dead = w.metric("sp_pipeline_store_dead_lettered_events_total", "reason")
     assert dead == {"store_full": float(total - cap)}
+    assert w.stop() == exitcodes.OK
+
+
+def test_a_frame_over_the_writers_event_limit_is_rejected_and_flush_says_so(writer_dir):
+    # The client allows more than this writer does: the writer refuses the frame,
+    # stores none of it, and flush() raises naming the reason instead of returning.
+    w = writer_dir(max_event_bytes=1000).start()
+    with Client(w.ingest, namespace="limit", max_event_bytes=5000) as client:
+        client.track(StructuredEvent("limit", "big", label="x" * 2000))
+        with pytest.raises(EventsRejected) as err:
+            client.flush(10)
+        assert set(err.value.rejections.values()) == {"size"}
+        assert client.stats.rejected_events == 1
+        eid = client.track(StructuredEvent("limit", "small"))
+        client.flush(10)  # the rejection was reported once; later events go through
+    assert list(queue_eids(w.store)) == [eid]
     assert w.stop() == exitcodes.OK
