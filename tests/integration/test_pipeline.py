@@ -214,6 +214,30 @@ def test_unusable_store_path_exits_74_fast_without_a_restart_loop(short_dir):
     assert not os.path.exists(os.path.join(short_dir, "run", "children.json"))
 
 
+def test_a_role_that_cannot_boot_stops_the_service_without_a_restart_loop(short_dir):
+    # The metrics port is taken: the exporter cannot start. The supervisor must give up
+    # with the boot-error code and say why, not restart the exporter in a loop.
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        addr = "%s:%d" % taken.getsockname()
+        started = time.monotonic()
+        out = cli("start", "--run-dir", os.path.join(short_dir, "run"),
+                  "--store", os.path.join(short_dir, "events.db"),
+                  "--collector", "http://127.0.0.1:9", "--metrics-addr", addr, timeout=30)
+    assert out.returncode == exitcodes.BOOT_ERROR, out.stderr
+    assert addr in out.stderr and "giving up: exporter" in out.stderr
+    assert out.stderr.count("cannot listen on") == 1  # started once, not in a loop
+    assert time.monotonic() - started < 15
+    with open(os.path.join(short_dir, "run", "children.json")) as fh:
+        pids = [c["pid"] for c in json.load(fh)["children"] if c.get("pid")]
+    for pid in pids:  # every child was stopped with the service
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 def test_foreign_store_file_exits_74_and_stays_untouched(short_dir):
     store = os.path.join(short_dir, "events.db")
     with open(store, "w") as fh:
