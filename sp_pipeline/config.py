@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -292,6 +291,8 @@ def load(
 
 
 def read_toml(path: str) -> Dict[str, Any]:
+    import tomllib  # here, not at import: roles read JSON settings and never need it
+
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -30,7 +29,9 @@ def die_with_parent(parent_pid: int) -> None:
     """Ask Linux to send SIGTERM when the supervisor dies (even by SIGKILL), so no role
     outlives it; a second supervisor must never find an old writer on the store."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The process's own symbols hold libc's prctl; ctypes.util.find_library would
+        # load subprocess, shutil and tempfile (~2 MB in every role) to find it.
+        libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
         return  # not Linux: the writer's store lock still prevents two writers
