@@ -78,7 +78,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         "check-config": cmd_check_config,
         "dead-letters": cmd_dead_letters,
     }[args.command]
-    return handler(settings, args)
+    try:
+        return handler(settings, args)
+    except StoreError as exc:  # a store that cannot be read: its message says why
+        print(f"sp-pipeline: {exc}", file=sys.stderr)
+        return exitcodes.STORE_ERROR
 
 
 def cmd_start(settings: config.Settings, args: argparse.Namespace) -> int:

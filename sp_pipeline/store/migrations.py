@@ -180,6 +180,23 @@ def store_error(path: str, what: str, exc: sqlite3.Error) -> StoreError:
     return StoreError(f"store {path}: {what} failed: {exc}")
 
 
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+def damaged(path: str, exc: sqlite3.Error, what: str = "open") -> StoreError:
+    """The error for a file of ours that SQLite finds corrupt (SQLITE_CORRUPT or
+    SQLITE_NOTADB): refused, never repaired or replaced in place. Any other SQLite
+    error (busy, I/O, permissions) keeps its own message."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code not in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return store_error(path, what, exc)
+    return StoreError(
+        f"store {path}: the file is damaged ({exc}); left untouched. Restore it from a "
+        "backup, or move it aside (sqlite3's .recover salvages what rows it can) and "
+        "start again on a new file"
+    )
+
+
 def connect_readonly(path: str, immutable: bool = False) -> sqlite3.Connection:
     uri = "file:" + urllib.parse.quote(path) + "?mode=ro" + ("&immutable=1" if immutable else "")
     try:
@@ -199,6 +216,8 @@ def open_writable(path: str, synchronous: int) -> sqlite3.Connection:
         probe = connect_readonly(path, immutable=not os.path.exists(path + "-wal"))
         try:
             inspect(probe, path)
+        except sqlite3.Error as exc:
+            raise damaged(path, exc) from exc
         finally:
             probe.close()
     else:
@@ -260,7 +279,7 @@ def configure(conn: sqlite3.Connection, path: str, synchronous: int) -> None:
         conn.execute("PRAGMA journal_mode = WAL").fetchone()
         conn.execute("PRAGMA wal_autocheckpoint = 0").fetchone()  # the writer checkpoints
     except sqlite3.Error as exc:
-        raise store_error(path, "open", exc) from exc
+        raise damaged(path, exc) from exc
     expected.update(journal_mode="wal", wal_autocheckpoint=0)
     for name, value in expected.items():
         (actual,) = conn.execute(f"PRAGMA {name}").fetchone()

@@ -174,10 +174,14 @@ class SQLiteStore:
         #: open; counted as they are re-leased (not rolled back with a transaction).
         self.expired_leased = 0
         self._conn = migrations.open_writable(self.path, _SYNCHRONOUS[synchronous])
-        self._queued, self._queued_bytes = self._conn.execute(
-            "SELECT count(*), CAST(total(size) AS INTEGER) FROM queue INDEXED BY queue_ready"
-        ).fetchone()
-        (self._dead,) = self._conn.execute("SELECT count(*) FROM dead_letters").fetchone()
+        try:  # reads the whole ready index: a damaged file is refused here, at start
+            self._queued, self._queued_bytes = self._conn.execute(
+                "SELECT count(*), CAST(total(size) AS INTEGER) FROM queue INDEXED BY queue_ready"
+            ).fetchone()
+            (self._dead,) = self._conn.execute("SELECT count(*) FROM dead_letters").fetchone()
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise migrations.damaged(self.path, exc) from exc
         self._evicting = 0
         self._saved: Tuple[int, int, int] = (self._queued, self._queued_bytes, self._dead)
         self._forget_leases()
@@ -614,7 +618,7 @@ class ReadOnlyStore:
             try:
                 result = query(conn)
             except sqlite3.Error as exc:
-                raise migrations.store_error(self.path, "read", exc) from exc
+                raise migrations.damaged(self.path, exc, "read") from exc
             finally:
                 conn.close()
             if not immutable or not os.path.exists(self.path + "-wal"):

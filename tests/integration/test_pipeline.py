@@ -251,6 +251,28 @@ def test_foreign_store_file_exits_74_and_stays_untouched(short_dir):
         assert fh.read() == "somebody else's file\n"
 
 
+def test_damaged_store_exits_74_for_start_and_status_and_stays_untouched(short_dir):
+    from sp_pipeline.store import SQLiteStore
+
+    store = os.path.join(short_dir, "events.db")
+    with SQLiteStore(store) as s:
+        s.enqueue([b'{"e":"pv","n":%d}' % i for i in range(20_000)], 1.0)
+        s.commit()
+        s.checkpoint(truncate=True)
+    with open(store, "r+b") as fh:  # scramble pages past the schema: rows and index
+        fh.seek(8192)
+        fh.write(bytes((b * 7 + 13) & 0xFF for b in fh.read(20 * 4096)))
+    with open(store, "rb") as fh:
+        before = fh.read()
+    for command in (_start(short_dir), cli("status", "--run-dir", os.path.join(short_dir, "run"),
+                                            "--store", store)):
+        assert command.returncode == exitcodes.STORE_ERROR, command.stderr
+        assert "damaged" in command.stderr and store in command.stderr
+        assert "Traceback" not in command.stderr
+    with open(store, "rb") as fh:
+        assert fh.read() == before
+
+
 def test_second_start_on_the_same_run_dir_refuses_with_4(short_dir):
     with LocalCollector(short_dir) as collector, \
             Pipeline(short_dir, collector.url, *FAST) as pipeline:

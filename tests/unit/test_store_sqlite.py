@@ -125,6 +125,33 @@ def test_newer_schema_version_is_refused_untouched(tmp_path: Path) -> None:
     assert listing(tmp_path) == before
 
 
+def garble(path: Path, start: int, length: int) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(start, min(start + length, len(data))):
+        data[i] = (data[i] * 7 + 13) & 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("where", ["index and table pages", "schema page"])
+def test_damaged_store_is_refused_untouched_with_advice(tmp_path: Path, where: str) -> None:
+    # One of our files, damaged on disk: a clear StoreError at open (never a raw
+    # sqlite3 error, never a repair or a new file in its place).
+    path = tmp_path / "s.db"
+    make_store(path, rows=20_000)
+    page = raw(path, "PRAGMA page_size")[0][0]
+    if where == "schema page":
+        garble(path, 100, page - 100)  # page 1 past the 100-byte header: sqlite_master
+    else:
+        garble(path, 2 * page, 20 * page)
+    before = listing(tmp_path)
+    with pytest.raises(StoreError) as err:
+        SQLiteStore(str(path))
+    assert not isinstance(err.value, StoreNotOurs)
+    assert str(path) in str(err.value) and "damaged" in str(err.value)
+    assert "left untouched" in str(err.value)
+    assert listing(tmp_path) == before
+
+
 def test_reopen_at_current_version_keeps_data_and_version(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     make_store(path, rows=4)
