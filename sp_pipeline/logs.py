@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 import time
-from typing import Dict, Tuple
+from typing import Callable, Dict, Tuple
 
 
 class _JsonFormatter(logging.Formatter):
@@ -50,13 +50,15 @@ def setup(role: str, fmt: str = "text", level: str = "info") -> None:
 class RateLimited:
     """Log a repeated condition at most once per ``interval`` seconds per key."""
 
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+    def __init__(self, logger: logging.Logger, interval: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.logger = logger
         self.interval = interval
+        self.clock = clock
         self._state: Dict[str, Tuple[float, int]] = {}
 
     def warning(self, key: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
+        now = self.clock()
         last, suppressed = self._state.get(key, (-1e18, 0))
         if now - last < self.interval:
             self._state[key] = (last, suppressed + 1)

@@ -134,6 +134,26 @@ def test_post_delivers_each_event_once_within_the_byte_limit(short_dir):
         assert pipeline.stop() == exitcodes.OK
 
 
+def test_one_sender_keeps_several_requests_in_flight(short_dir):
+    # Latency hiding: with every answer 400 ms away, one sender's requests overlap
+    # (one at a time would leave a 400 ms gap between arrivals).
+    delay_ms, inflight = 400, 4
+    with LocalCollector(short_dir, "--delay-ms", str(delay_ms)) as collector, \
+            Pipeline(short_dir, collector.url, *FAST, "--senders", "1", "--inflight", str(inflight),
+                     "--batch-max-events", "10", "--read-timeout", "3") as pipeline:
+        with Client(pipeline.ingest, namespace="inflight") as client:
+            eids = track(client, 120, "overlap")
+            client.flush(15)
+        wait_delivered(collector, eids, 30)
+        arrivals = sorted(r["received_at"] for r in requests(collector))
+        assert len(arrivals) >= 12
+        # Most requests that arrived while an earlier one was still being answered.
+        overlap = max(sum(1 for t in arrivals if start <= t < start + delay_ms)
+                      for start in arrivals)
+        assert overlap >= inflight - 1, arrivals
+        assert pipeline.stop() == exitcodes.OK
+
+
 def test_get_delivers_every_event_once_with_one_request_each(short_dir):
     with LocalCollector(short_dir) as collector, \
             Pipeline(short_dir, collector.url, *FAST, "--method", "get") as pipeline:
