@@ -131,10 +131,21 @@ def test_killed_sender_and_writer_are_restarted_and_nothing_is_lost(short_dir):
             client.flush(15)
             wait_until(lambda: collector.counts()["good"] >= 300, 15, "delivery to start")
 
+            for c in pipeline.children():  # ps tells the roles apart
+                with open(f"/proc/{c['pid']}/cmdline", "rb") as fh:
+                    argv = fh.read().split(b"\0")
+                assert [c["role"].encode(), b"--index", str(c["index"]).encode()] == \
+                    argv[argv.index(b"sp_pipeline.role") + 1:][:3], argv
+
             sender = child(pipeline, "sender", 0)
+            killed = time.monotonic()
             os.kill(sender["pid"], signal.SIGKILL)
-            wait_until(lambda: (c := child(pipeline, "sender", 0))["pid"] not in (None, sender["pid"])
-                       and c["state"] == "running", 15, "sender-0 restarted")
+            wait_until(lambda: child(pipeline, "sender", 0)["pid"] not in (None, sender["pid"]),
+                       15, "sender-0 respawned")
+            respawned = time.monotonic() - killed
+            assert respawned < 1.0, f"sender-0 respawned {respawned:.2f} s after its death"
+            wait_until(lambda: child(pipeline, "sender", 0)["state"] == "running", 15,
+                       "sender-0 running again")
             assert child(pipeline, "sender", 0)["restarts"] == 1
             assert child(pipeline, "sender", 0)["last_exit"] == -signal.SIGKILL
 
@@ -162,6 +173,21 @@ def test_killed_sender_and_writer_are_restarted_and_nothing_is_lost(short_dir):
                     for s in family.samples if s.name == "sp_pipeline_process_restarts_total"}
         assert {role: n for role, n in restarts.items() if n} == {"sender": 1.0, "writer": 1.0}
         assert pipeline.stop() == exitcodes.OK
+
+
+def test_json_log_lines_carry_role_and_pid_of_every_process(short_dir):
+    with LocalCollector(short_dir) as collector, \
+            Pipeline(short_dir, collector.url, *FAST, "--log-format", "json") as pipeline:
+        pids = {(c["role"] if c["role"] != "sender" else f"sender-{c['index']}", c["pid"])
+                for c in pipeline.children()}
+        supervisor = pipeline.proc.pid
+        assert pipeline.stop() == exitcodes.OK
+        lines = [line for line in pipeline.log().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all({"ts", "level", "role", "pid", "logger", "msg"} <= r.keys() for r in records)
+    seen = {(r["role"], r["pid"]) for r in records}
+    assert ("supervisor", supervisor) in seen
+    assert pids <= seen, f"roles that logged nothing: {pids - seen}"
 
 
 # --------------------------------------------------------------------------- refusals
