@@ -175,6 +175,23 @@ def test_killed_sender_and_writer_are_restarted_and_nothing_is_lost(short_dir):
         assert pipeline.stop() == exitcodes.OK
 
 
+def test_a_child_that_does_not_stop_is_killed_at_the_drain_deadline(short_dir):
+    drain_timeout = 3.0
+    with LocalCollector(short_dir) as collector, \
+            Pipeline(short_dir, collector.url, *FAST, "--drain-timeout", str(drain_timeout)) as pipeline:
+        stuck = child(pipeline, "sender", 1)["pid"]
+        os.kill(stuck, signal.SIGSTOP)  # deaf to SIGTERM from now on
+        started = time.monotonic()
+        code = pipeline.stop(timeout=drain_timeout + 10)
+        took = time.monotonic() - started
+        log = pipeline.log()
+    assert code == exitcodes.OK, log
+    assert drain_timeout * 0.5 <= took < drain_timeout + 2, f"stopped after {took:.1f} s"
+    assert f"sender-1[{stuck}] did not stop in time: killing it" in log
+    with pytest.raises(ProcessLookupError):
+        os.kill(stuck, 0)
+
+
 def test_json_log_lines_carry_role_and_pid_of_every_process(short_dir):
     with LocalCollector(short_dir) as collector, \
             Pipeline(short_dir, collector.url, *FAST, "--log-format", "json") as pipeline:
