@@ -40,7 +40,7 @@ from sp_pipeline.errors import StoreError, StoreFull, StoreNotOurs
 
 SQLITE_FULL = 13
 BUSY_TIMEOUT_MS = 5000
-CACHE_KIB = 4096  # page cache per connection; memory stays flat whatever the backlog
+CACHE_KIB = 8192  # page cache per connection; memory stays flat whatever the backlog
 
 # "spPL" in ASCII: marks a SQLite file as an sp-pipeline store.
 APPLICATION_ID = 0x7370504C
