@@ -152,6 +152,23 @@ def test_damaged_store_is_refused_untouched_with_advice(tmp_path: Path, where: s
     assert listing(tmp_path) == before
 
 
+def test_clear_leases_frees_rows_leased_on_disk_by_older_writers(tmp_path: Path) -> None:
+    # Files written before leases moved to memory kept them in lease_id /
+    # lease_expires_at, with next_attempt_at holding the expiry: such rows must come
+    # back to the queue when a writer starts (clear_leases), in id order.
+    path = tmp_path / "s.db"
+    make_store(path, rows=5)
+    raw(path, "UPDATE queue SET lease_id = 7, lease_expires_at = 4e9, next_attempt_at = 4e9 "
+              "WHERE id IN (1, 2)")
+    with SQLiteStore(str(path)) as store:
+        assert store.clear_leases() == 2
+        store.commit()
+        batch = store.lease(1, 10, 1 << 20, T0, 30.0)
+        store.commit()
+        assert [e.id for e in batch] == [1, 2, 3, 4, 5]
+    assert raw(path, "SELECT count(*) FROM queue WHERE lease_id != 0") == [(0,)]
+
+
 def test_reopen_at_current_version_keeps_data_and_version(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     make_store(path, rows=4)
