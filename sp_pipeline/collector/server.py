@@ -189,8 +189,9 @@ class _Server(ThreadingHTTPServer):
         self.checker = checker
         self.stopping = threading.Event()
         # Decoding and checking take the GIL for milliseconds per request; with one
-        # thread per keep-alive connection (2 senders x 8 in flight = 16), threads
-        # fighting for the GIL cost ~50 % more CPU than taking turns on this lock.
+        # thread per keep-alive connection (2 senders x 8 in flight = 16), requests
+        # take turns on this lock instead of handing the GIL back and forth mid-request
+        # (bench/README.md: interleaved runs with and without it were within noise).
         # Never held while waiting: not during a fault's delay, nor while reading a
         # request (only the small answer is written under it).
         self.cpu_lock = threading.Lock()
