@@ -50,7 +50,7 @@ class EventsRejected(SpPipelineError):
     e.g. ``size`` when the writer's ``max_event_bytes`` is below the client's). Raised
     by ``Client.flush()``; the events of those frames were not stored."""
 
-    def __init__(self, rejections: "dict[int, str]") -> None:
+    def __init__(self, rejections: dict[int, str]) -> None:
         self.rejections = dict(rejections)
         reasons = sorted(set(self.rejections.values()))
         super().__init__(

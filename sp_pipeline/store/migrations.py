@@ -39,6 +39,8 @@ from typing import Callable, FrozenSet, List, Tuple
 from sp_pipeline.errors import StoreError, StoreFull, StoreNotOurs
 
 SQLITE_FULL = 13
+SQLITE_CORRUPT = 11
+SQLITE_NOTADB = 26
 BUSY_TIMEOUT_MS = 5000
 CACHE_KIB = 8192  # page cache per connection; memory stays flat whatever the backlog
 
@@ -175,26 +177,19 @@ def file_exists(path: str) -> bool:
 
 
 def store_error(path: str, what: str, exc: sqlite3.Error) -> StoreError:
-    if getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL:
+    """The StoreError for a SQLite error: ``StoreFull`` when the disk or the page limit
+    is reached; a "damaged" message when SQLite finds the file corrupt (it is refused,
+    never repaired or replaced in place); otherwise SQLite's own words."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF  # primary code
+    if code == SQLITE_FULL:
         return StoreFull(f"store {path}: disk or database full during {what}; rolled back ({exc})")
+    if code in (SQLITE_CORRUPT, SQLITE_NOTADB):
+        return StoreError(
+            f"store {path}: the file is damaged ({exc}, during {what}); left untouched. "
+            "Restore it from a backup, or move it aside (sqlite3's .recover salvages "
+            "what rows it can) and start again on a new file"
+        )
     return StoreError(f"store {path}: {what} failed: {exc}")
-
-
-_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
-
-
-def damaged(path: str, exc: sqlite3.Error, what: str = "open") -> StoreError:
-    """The error for a file of ours that SQLite finds corrupt (SQLITE_CORRUPT or
-    SQLITE_NOTADB): refused, never repaired or replaced in place. Any other SQLite
-    error (busy, I/O, permissions) keeps its own message."""
-    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
-    if code not in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
-        return store_error(path, what, exc)
-    return StoreError(
-        f"store {path}: the file is damaged ({exc}); left untouched. Restore it from a "
-        "backup, or move it aside (sqlite3's .recover salvages what rows it can) and "
-        "start again on a new file"
-    )
 
 
 def connect_readonly(path: str, immutable: bool = False) -> sqlite3.Connection:
@@ -217,7 +212,7 @@ def open_writable(path: str, synchronous: int) -> sqlite3.Connection:
         try:
             inspect(probe, path)
         except sqlite3.Error as exc:
-            raise damaged(path, exc) from exc
+            raise store_error(path, "open", exc) from exc
         finally:
             probe.close()
     else:
@@ -279,7 +274,7 @@ def configure(conn: sqlite3.Connection, path: str, synchronous: int) -> None:
         conn.execute("PRAGMA journal_mode = WAL").fetchone()
         conn.execute("PRAGMA wal_autocheckpoint = 0").fetchone()  # the writer checkpoints
     except sqlite3.Error as exc:
-        raise damaged(path, exc) from exc
+        raise store_error(path, "open", exc) from exc
     expected.update(journal_mode="wal", wal_autocheckpoint=0)
     for name, value in expected.items():
         (actual,) = conn.execute(f"PRAGMA {name}").fetchone()

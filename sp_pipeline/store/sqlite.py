@@ -34,7 +34,7 @@ import heapq
 import os
 import sqlite3
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from sp_pipeline import batching
 from sp_pipeline.errors import StoreError
@@ -119,13 +119,6 @@ class _Lease:
         self.returned = False  # expired and its rows put back in the _returned heap
 
 
-def _run(ids: Sequence[int]) -> Optional[Tuple[int, int]]:
-    """``(first, last)`` when ``ids`` (distinct, ascending) are consecutive integers."""
-    if ids and ids[-1] - ids[0] == len(ids) - 1:
-        return ids[0], ids[-1]
-    return None
-
-
 def _chunks(ids: Sequence[int]) -> Iterator[List[int]]:
     for start in range(0, len(ids), _CHUNK):
         part = [int(i) for i in ids[start : start + _CHUNK]]
@@ -181,7 +174,7 @@ class SQLiteStore:
             (self._dead,) = self._conn.execute("SELECT count(*) FROM dead_letters").fetchone()
         except sqlite3.Error as exc:
             self._conn.close()
-            raise migrations.damaged(self.path, exc) from exc
+            raise migrations.store_error(self.path, "open", exc) from exc
         self._evicting = 0
         self._saved: Tuple[int, int, int] = (self._queued, self._queued_bytes, self._dead)
         self._forget_leases()
@@ -322,14 +315,8 @@ class SQLiteStore:
             fresh = [c[0] for c in chosen if c[2] == _FRESH]
             if fresh:
                 self._cursor = max(self._cursor, fresh[-1])
-            ids = [c[0] for c in chosen]  # ascending: candidates come merged in id order
-            span = _run(ids)
-            if span is not None:
-                rows = self._conn.execute(_SQL_LEASED_RANGE, span).fetchall()
-            else:
-                rows = []
-                for part in _chunks(ids):
-                    rows.extend(self._conn.execute(_SQL_LEASED_ROWS, part))
+            # ascending: candidates come merged in id order
+            rows = self._by_ids(_SQL_LEASED_ROWS, _SQL_LEASED_RANGE, [c[0] for c in chosen])
         lease = _Lease(now + lease_seconds)
         for row_id, size, source in chosen:
             if source > 0:
@@ -341,13 +328,24 @@ class SQLiteStore:
         rows.sort()
         return [QueuedEvent(id=r[0], payload=bytes(r[3]), enqueued_at=r[1], attempts=r[2]) for r in rows]
 
+    def _by_ids(self, sql_in: str, sql_range: str, ids: Sequence[int]) -> List[Any]:
+        """Run ``sql_in`` (an ``IN {_IN}`` statement) for ``ids`` (distinct, ascending),
+        or ``sql_range`` (``BETWEEN ? AND ?``) once when they are consecutive integers,
+        as a lease of fresh rows and its ack usually are; the rows either returns."""
+        if ids and ids[-1] - ids[0] == len(ids) - 1:
+            return self._conn.execute(sql_range, (ids[0], ids[-1])).fetchall()
+        rows: List[Any] = []
+        for part in _chunks(ids):
+            rows.extend(self._conn.execute(sql_in, part))
+        return rows
+
     def _lease_probe(self, max_events: int, max_bytes: int) -> int:
         """Rows a lease looks at first: what ``max_bytes`` holds of rows of the queue's
         mean size, with a margin (sizes vary), at most ``max_events``."""
         if not self._queued:
             return max_events
         mean = self._queued_bytes // self._queued + batching.STM_BYTES + batching.SEPARATOR_BYTES
-        return min(max_events, max_bytes // max(mean, 1) * 3 // 2 + 8)
+        return min(max_events, max_bytes // mean * 3 // 2 + 8)
 
     def _give_back(self, candidates: Sequence[Tuple[int, int, int]]) -> None:
         """Candidates not taken that came from an expired lease go back to its heap."""
@@ -405,13 +403,8 @@ class SQLiteStore:
                 deleted += count
                 self._queued -= count
                 self._queued_bytes -= nbytes
-            held = sorted(i for i, _ in known)  # held rows exist; sizes known
-            span = _run(held)
-            if span is not None:
-                self._conn.execute(_SQL_ACK_RANGE, span)
-            else:
-                for part in _chunks(held):
-                    self._conn.execute(_SQL_ACK, part)
+            # held rows exist; their sizes are known
+            self._by_ids(_SQL_ACK, _SQL_ACK_RANGE, sorted(i for i, _ in known))
             deleted += len(known)
             self._queued -= len(known)
             self._queued_bytes -= sum(size for _, size in known)
@@ -618,7 +611,7 @@ class ReadOnlyStore:
             try:
                 result = query(conn)
             except sqlite3.Error as exc:
-                raise migrations.damaged(self.path, exc, "read") from exc
+                raise migrations.store_error(self.path, "read", exc) from exc
             finally:
                 conn.close()
             if not immutable or not os.path.exists(self.path + "-wal"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -260,8 +261,6 @@ def test_unusable_store_path_exits_74_fast_without_a_restart_loop(short_dir):
 def test_a_role_that_cannot_boot_stops_the_service_without_a_restart_loop(short_dir):
     # The metrics port is taken: the exporter cannot start. The supervisor must give up
     # with the boot-error code and say why, not restart the exporter in a loop.
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -302,9 +301,11 @@ def test_damaged_store_exits_74_for_start_and_status_and_stays_untouched(short_d
         s.enqueue([b'{"e":"pv","n":%d}' % i for i in range(20_000)], 1.0)
         s.commit()
         s.checkpoint(truncate=True)
-    with open(store, "r+b") as fh:  # scramble pages past the schema: rows and index
+    with open(store, "r+b") as fh:  # scramble 20 pages past the schema: rows and index
         fh.seek(8192)
-        fh.write(bytes((b * 7 + 13) & 0xFF for b in fh.read(20 * 4096)))
+        scrambled = bytes((b * 7 + 13) & 0xFF for b in fh.read(20 * 4096))
+        fh.seek(8192)
+        fh.write(scrambled)
     with open(store, "rb") as fh:
         before = fh.read()
     for command in (_start(short_dir), cli("status", "--run-dir", os.path.join(short_dir, "run"),
