@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .faults import Faults
     from .server import Collector, Limits
 
-# The server (http.server, email, the schemas) loads on first use, so that
+# The server (asyncio, the schemas) loads on first use, so that
 # ``sp-pipeline start``, whose parser lists this command's flags, does not carry it.
 _LAZY = {"Collector": "server", "Limits": "server", "Faults": "faults"}
 

@@ -9,27 +9,29 @@ Endpoints (see ``docs/collector.md`` for the JSON shapes)::
     POST /micro/faults   (JSON: fields to change; ?replace=1 replaces them all)
     POST /micro/reset    (GET too)
 
-One ``ThreadingHTTPServer`` (daemon threads, HTTP/1.1 keep-alive): a request that is
-delayed by a fault holds only its own thread.
+One asyncio event loop on one thread serves every connection (HTTP/1.1, keep-alive,
+requests on a connection answered in order). A request delayed by a fault waits on a
+timer and holds up only its own connection.
 """
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
+import http
 import ipaddress
 import itertools
 import json
 import logging
 import socket
 import struct
-import sys
 import threading
 import time
 import zlib
 from collections import deque
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Deque, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
-from urllib.parse import parse_qs, parse_qsl, urlsplit
+from urllib.parse import parse_qs, parse_qsl
 
 from ..errors import ConfigError, ValidationError
 from .faults import Decision, FaultInjector, Faults
@@ -44,8 +46,14 @@ PIXEL = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x
          b"\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")
 #: Largest body we read (or drain before a 413) and largest gunzipped body (bytes).
 MAX_READ_BYTES = 64 * 1024 * 1024
-#: Seconds an idle keep-alive connection is kept before its thread lets it go.
+#: Largest request line plus headers (bytes); larger heads get 431.
+MAX_HEAD_BYTES = 64 * 1024
+#: Seconds an idle keep-alive connection is kept, and how often that is looked at.
 IDLE_TIMEOUT_S = 60.0
+IDLE_SWEEP_S = 5.0
+#: Connections the kernel queues before they are accepted (bursts of sender connections).
+LISTEN_BACKLOG = 128
+SERVER_NAME = "sp-pipeline-collector"
 #: Bytes of an unparseable body kept in its bad record.
 RAW_KEEP_CHARS = 4096
 
@@ -61,6 +69,34 @@ def check_host(host: str, allow_remote: bool) -> None:
     if not loopback:
         raise ConfigError(f"host: {host!r} is not a loopback address; pass allow_remote "
                           "(--allow-remote) to listen beyond this machine")
+
+
+class _BadRequest(Exception):
+    """A request that cannot be served: answered with ``status``, then the connection
+    is closed (what follows it on the connection cannot be trusted)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+_date_cache: List[Any] = [0, ""]
+
+
+def _http_date() -> str:
+    """The ``Date`` header value, formatted once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True)]
+    return _date_cache[1]
 
 
 @dataclass(frozen=True)
@@ -173,163 +209,206 @@ def _newest(records: List[Any], limit: Optional[int]) -> List[Any]:
     return records[-limit:] if limit > 0 else []
 
 
-class _Server(ThreadingHTTPServer):
-    """The listening socket plus what every request thread shares."""
+class _Request(NamedTuple):
+    method: str
+    path: str
+    query: str
+    headers: Dict[str, str]  # names lower-cased
+    body: bytes
+    keep_alive: bool
 
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128  # socketserver's 5 refuses bursts of sender connections
 
-    def __init__(self, address: Tuple[str, int], recorder: Recorder,
-                 injector: FaultInjector, checker: EventChecker) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
+class _Server:
+    """What every connection shares. Lives on the event loop's thread, except the
+    recorder and the fault injector, which other threads read and change (locked)."""
+
+    def __init__(self, recorder: Recorder, injector: FaultInjector,
+                 checker: EventChecker) -> None:
         self.recorder = recorder
         self.injector = injector
         self.checker = checker
-        self.stopping = threading.Event()
-        # Decoding and checking take the GIL for milliseconds per request; with one
-        # thread per keep-alive connection (2 senders x 8 in flight = 16), requests
-        # take turns on this lock instead of handing the GIL back and forth mid-request
-        # (bench/README.md: interleaved runs with and without it were within noise).
-        # Never held while waiting: not during a fault's delay, nor while reading a
-        # request (only the small answer is written under it).
-        self.cpu_lock = threading.Lock()
-        self.connections: Set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-        super().__init__(address, _Handler)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that hangs up (or a stop() that hangs up on it) is routine."""
-        exc = sys.exc_info()[1]
-        if isinstance(exc, OSError):
-            log.debug("connection from %s ended: %s", client_address, exc)
-        else:
-            log.exception("request from %s failed", client_address)
+        self.connections: Set["_Connection"] = set()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as urllib3 pools expect
-    timeout = IDLE_TIMEOUT_S
-    server: _Server
-    server_version = "sp-pipeline-collector"
+class _Connection(asyncio.Protocol):
+    """One client connection: HTTP/1.1 with keep-alive, requests answered in order.
 
-    # -- connection bookkeeping, so Collector.stop() can end idle keep-alives --
+    Everything runs on the collector's one event-loop thread, so checking a batch
+    never competes with another request for the GIL (measured: a thread per
+    connection cost about a third more CPU per event with 16 connections). A delayed
+    answer is a timer: the connection waits, nothing else does.
+    """
 
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body leave in two writes; without NODELAY, Nagle plus the
-        # client's delayed ACK add ~40 ms to every keep-alive answer.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with self.server.connections_lock:
-            self.server.connections.add(self.connection)
+    def __init__(self, server: _Server) -> None:
+        self.server = server
+        self.transport: Optional[asyncio.Transport] = None
+        self.buffer = bytearray()
+        self.waiting = False  # a delayed answer is pending: later requests wait for it
+        self.closing = False
+        self.last_active = time.monotonic()
 
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            with self.server.connections_lock:
-                self.server.connections.discard(self.connection)
+    # -- asyncio callbacks --
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
-        log.debug("%s " + format, self.address_string(), *args)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
 
-    # -- routing --
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.closing = True
+        self.server.connections.discard(self)
 
-    def do_GET(self) -> None:
-        parts = urlsplit(self.path)
-        if parts.path == GET_PATH:
-            self._collect("GET", parts.query.encode("latin-1", "replace"))
-        elif parts.path.startswith("/micro/"):
-            self._report(parts.path[len("/micro/"):], parse_qs(parts.query), None)
-        else:
-            self._send(404, b"not found\n", "text/plain")
+    def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        self.buffer += data
+        if not self.waiting:
+            self._serve()
 
-    def do_POST(self) -> None:
-        parts = urlsplit(self.path)
-        body = self._read_body()
-        if body is None:
-            return
-        if parts.path == TP2_PATH:
-            self._collect("POST", body)
-        elif parts.path.startswith("/micro/"):
-            self._report(parts.path[len("/micro/"):], parse_qs(parts.query), body)
-        else:
-            self._send(404, b"not found\n", "text/plain")
+    def eof_received(self) -> bool:
+        if self.buffer and not self.waiting:
+            # The client hung up mid-request (a sender killed mid-body): no request
+            # was made, so nothing is recorded, good or bad, and nobody is left to answer.
+            log.debug("request cut off after %d bytes", len(self.buffer))
+        return False  # close our side too
 
-    # -- I/O --
+    # -- requests --
 
-    def _read_body(self) -> Optional[bytes]:
-        """The request body; ``None`` when an answer was already sent (411/400/413).
-        No ``Content-Length`` means an empty body (``curl -XPOST .../micro/reset``);
-        chunked bodies are not supported (trackers send a length)."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            self._send(411, b"Content-Length required (chunked bodies not supported)\n",
-                       "text/plain")
+    def _serve(self) -> None:
+        while not self.waiting and not self.closing:
+            try:
+                request = self._parse()
+            except _BadRequest as exc:
+                self._send(exc.status, exc.message.encode() + b"\n", "text/plain", close=True)
+                return
+            if request is None:
+                return
+            try:
+                self._route(request)
+            except Exception:  # a collector bug must not take the connection's peers down
+                log.exception("%s %s failed", request.method, request.path)
+                self._send(500, b"internal error\n", "text/plain", close=True)
+                return
+
+    def _parse(self) -> Optional[_Request]:
+        """The next whole request in the buffer, taken out of it; ``None`` until one
+        has fully arrived. Raises ``_BadRequest`` for what cannot be served."""
+        buf = self.buffer
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_HEAD_BYTES:
+                raise _BadRequest(431, "request head too large")
             return None
-        length = self.headers.get("Content-Length", "0").strip()
+        head = buf[:end].decode("latin-1").split("\r\n")
+        parts = head[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise _BadRequest(400, "bad request line")
+        method, target, version = parts
+        headers: Dict[str, str] = {}
+        for line in head[1:]:
+            name, sep, value = line.partition(":")
+            name = name.strip().lower()
+            if not sep or not name:
+                raise _BadRequest(400, "bad header line")
+            headers[name] = value.strip()
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            raise _BadRequest(411, "Content-Length required (chunked bodies not supported)")
+        length = headers.get("content-length", "0")
         if not length.isdigit():
-            self.close_connection = True
-            self._send(400, b"invalid Content-Length\n", "text/plain")
-            return None
+            raise _BadRequest(400, "invalid Content-Length")
         size = int(length)
         if size > MAX_READ_BYTES:
-            self.close_connection = True  # too big to drain: hang up after the answer
-            self._send(413, b"body too large\n", "text/plain")
+            raise _BadRequest(413, "body too large")  # too big to drain: hang up after
+        start = end + 4
+        if len(buf) < start + size:
             return None
-        body = self.rfile.read(size)
-        if len(body) < size:
-            # The client hung up mid-body (a sender killed mid-request): no request was
-            # made, so nothing is recorded, good or bad, and nobody is left to answer.
-            self.close_connection = True
-            log.debug("request body cut off after %d of %d bytes", len(body), size)
-            return None
-        return body
+        body = bytes(buf[start:start + size])
+        del buf[:start + size]
+        # HTTP/1.0 clients (curl -0, ab) get one answer per connection.
+        keep_alive = version != "HTTP/1.0" and headers.get("connection", "").lower() != "close"
+        path, _, query = target.partition("?")
+        return _Request(method, path, query, headers, body, keep_alive)
+
+    def _route(self, req: _Request) -> None:
+        if req.method not in ("GET", "POST"):
+            self._send(501, b"unsupported method\n", "text/plain", keep_alive=req.keep_alive)
+        elif req.path == TP2_PATH and req.method == "POST":
+            self._collect(req, "POST", req.body)
+        elif req.path == GET_PATH and req.method == "GET":
+            self._collect(req, "GET", req.query.encode("latin-1", "replace"))
+        elif req.path.startswith("/micro/"):
+            body = req.body if req.method == "POST" else None
+            self._report(req, req.path[len("/micro/"):], parse_qs(req.query), body)
+        else:
+            self._send(404, b"not found\n", "text/plain", keep_alive=req.keep_alive)
+
+    # -- answers --
 
     def _send(self, status: int, body: bytes, content_type: str,
-              headers: Optional[Dict[str, str]] = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
+              headers: Optional[Dict[str, str]] = None, keep_alive: bool = True,
+              close: bool = False) -> None:
+        if self.transport is None or self.closing:
+            return
+        close = close or not keep_alive
+        lines = [f"HTTP/1.1 {status} {_reason(status)}", f"Server: {SERVER_NAME}",
+                 f"Date: {_http_date()}", f"Content-Type: {content_type}",
+                 f"Content-Length: {len(body)}"]
+        lines.extend(f"{name}: {value}" for name, value in (headers or {}).items())
+        if close:
+            lines.append("Connection: close")
+        self.transport.write("\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body)
+        if close:
+            self.closing = True
+            self.transport.close()  # after the answer is written
 
-    def _send_json(self, status: int, value: Any) -> None:
-        self._send(status, json.dumps(value).encode(), "application/json")
+    def _send_json(self, req: _Request, status: int, value: Any) -> None:
+        self._send(status, json.dumps(value).encode(), "application/json",
+                   keep_alive=req.keep_alive)
 
     def _reset(self) -> None:
-        """Hang up with a TCP RST and no answer (SO_LINGER 0, then close)."""
-        self.close_connection = True
-        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.connection.close()  # the fd really closes when rfile/wfile close in finish()
+        """Hang up with a TCP RST and no answer (SO_LINGER 0, then abort)."""
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.closing = True
+        self.transport.abort()
 
     # -- collection --
 
-    def _collect(self, method: str, raw: bytes) -> None:
+    def _collect(self, req: _Request, method: str, raw: bytes) -> None:
         server = self.server
         request_id, received_at = server.recorder.next_request()
         decision = server.injector.decide(len(raw) if method == "POST" else 0)
-        with server.cpu_lock:
-            items, events, problem = self._decode(method, raw, decision)
-        if decision.delay_s > 0:
-            server.stopping.wait(decision.delay_s)
+        items, events, problem = self._decode(req, method, raw, decision)
         summary = {"request_id": request_id, "method": method, "bytes": len(raw),
                    "received_at": received_at, "fault": decision.reason,
                    "events": None if events is None else len(events),
                    "stm": _stm_values(events)}
-        with server.cpu_lock:
-            self._answer(method, raw, decision, items, events, problem, summary)
+        if decision.delay_s > 0:
+            # Answer later; requests pipelined behind this one wait (and stay unread).
+            self.waiting = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(
+                decision.delay_s, self._answer_later,
+                req, method, raw, decision, items, events, problem, summary)
+            return
+        self._answer(req, method, raw, decision, items, events, problem, summary)
 
-    def _answer(self, method: str, raw: bytes, decision: Decision, items: Optional[Validator],
-                events: Optional[List[Any]], problem: str, summary: Dict[str, Any]) -> None:
-        """Record the request and answer it (the answer is a small write that does not block)."""
+    def _answer_later(self, *args: Any) -> None:
+        self.waiting = False
+        if self.closing:
+            return
+        self._answer(*args)
+        if not self.closing and self.transport is not None:
+            self.transport.resume_reading()
+            self._serve()
+
+    def _answer(self, req: _Request, method: str, raw: bytes, decision: Decision,
+                items: Optional[Validator], events: Optional[List[Any]], problem: str,
+                summary: Dict[str, Any]) -> None:
+        """Record the request and answer it."""
         if decision.action != "record":
-            self._answer_fault(decision, summary)
+            self._answer_fault(req, decision, summary)
             return
         try:
             status = self._record(method, items, events, problem, raw, summary)
@@ -337,14 +416,15 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("request %d could not be processed", summary["request_id"])
             summary.update(status=500, fault="internal_error")
             self.server.recorder.log_request(summary)
-            self._send(500, b"internal error\n", "text/plain")
+            self._send(500, b"internal error\n", "text/plain", keep_alive=req.keep_alive)
             return
         if method == "GET":
-            self._send(status, PIXEL, "image/gif")
+            self._send(status, PIXEL, "image/gif", keep_alive=req.keep_alive)
         else:
-            self._send(status, b"ok" if status == 200 else problem.encode(), "text/plain")
+            self._send(status, b"ok" if status == 200 else problem.encode(), "text/plain",
+                       keep_alive=req.keep_alive)
 
-    def _answer_fault(self, decision: Decision, summary: Dict[str, Any]) -> None:
+    def _answer_fault(self, req: _Request, decision: Decision, summary: Dict[str, Any]) -> None:
         summary["status"] = None if decision.action == "reset" else decision.status
         self.server.recorder.log_request(summary)
         if decision.action == "reset":
@@ -352,9 +432,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         headers = {"Retry-After": decision.retry_after} if decision.retry_after else None
         self._send(decision.status, f"fault: {decision.reason}\n".encode(), "text/plain",
-                   headers)
+                   headers, keep_alive=req.keep_alive)
 
-    def _decode(self, method: str, raw: bytes, decision: Decision
+    def _decode(self, req: _Request, method: str, raw: bytes, decision: Decision
                 ) -> Tuple[Optional[Validator], Optional[List[Any]], str]:
         """``(event validator, events, problem)``; events ``None`` when there are none
         to check, and ``problem`` says why. Decoded before the fault decision is acted
@@ -364,7 +444,7 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET":
             return None, [dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True))], ""
         try:
-            body = _gunzip(raw) if _is_gzip(self.headers.get("Content-Encoding")) else raw
+            body = _gunzip(raw) if _is_gzip(req.headers.get("content-encoding")) else raw
             items, events = self.server.checker.envelope(json.loads(body))
         except EnvelopeError as exc:
             return None, None, str(exc)
@@ -403,31 +483,32 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- reporting API --
 
-    def _report(self, name: str, query: Dict[str, List[str]], body: Optional[bytes]) -> None:
+    def _report(self, req: _Request, name: str, query: Dict[str, List[str]], body: Optional[bytes]) -> None:
         recorder = self.server.recorder
         try:
             if name == "reset":
                 recorder.reset()
-                self._send_json(200, {"reset": True})
+                self._send_json(req, 200, {"reset": True})
             elif name == "faults":
-                self._send_json(200, self._faults(query, body).to_json())
+                self._send_json(req, 200, self._faults(query, body).to_json())
             elif body is not None:
-                self._send(405, b"use GET\n", "text/plain", {"Allow": "GET"})
+                self._send(405, b"use GET\n", "text/plain", {"Allow": "GET"},
+                           keep_alive=req.keep_alive)
             elif name == "all":
-                self._send_json(200, recorder.counts())
+                self._send_json(req, 200, recorder.counts())
             elif name == "good":
-                self._send_json(200, recorder.good(_limit(query), _one(query, "eid"),
+                self._send_json(req, 200, recorder.good(_limit(query), _one(query, "eid"),
                                                    _one(query, "e")))
             elif name == "bad":
-                self._send_json(200, recorder.bad(_limit(query)))
+                self._send_json(req, 200, recorder.bad(_limit(query)))
             elif name == "eids":
-                self._send_json(200, {"eids": recorder.eids()})
+                self._send_json(req, 200, {"eids": recorder.eids()})
             elif name == "requests":
-                self._send_json(200, recorder.requests(_limit(query)))
+                self._send_json(req, 200, recorder.requests(_limit(query)))
             else:
-                self._send(404, b"not found\n", "text/plain")
+                self._send(404, b"not found\n", "text/plain", keep_alive=req.keep_alive)
         except ValidationError as exc:
-            self._send_json(400, {"error": str(exc)})
+            self._send_json(req, 400, {"error": str(exc)})
 
     def _faults(self, query: Dict[str, List[str]], body: Optional[bytes]) -> Faults:
         """GET: the current faults; POST: change them (merge, or replace with ?replace=1)."""
@@ -510,42 +591,91 @@ class Collector:
         self.injector = FaultInjector(faults or Faults().updated(fault_fields))
         self.recorder = Recorder(limits)
         self.checker = EventChecker(registry or SchemaRegistry())
-        self._server: Optional[_Server] = None
+        self._port: Optional[int] = None
+        self._state: Optional[_Server] = None
+        self._listener: Optional[asyncio.AbstractServer] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> "Collector":
-        """Bind and serve in a daemon thread. Raises ``OSError`` if the port is taken."""
-        if self._server is not None:
+        """Bind and serve on an event loop in a daemon thread. Raises ``OSError`` if
+        the port is taken."""
+        if self._thread is not None:
             raise RuntimeError("collector already started")
-        self._server = _Server((self.host, self._requested_port), self.recorder,
-                               self.injector, self.checker)
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.1},
-                                        name=f"collector:{self.port}", daemon=True)
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self._requested_port))
+            sock.listen(LISTEN_BACKLOG)
+        except OSError:
+            sock.close()
+            raise
+        self._port = sock.getsockname()[1]
+        self._state = _Server(self.recorder, self.injector, self.checker)
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self._loop = loop
+        self._thread = threading.Thread(target=self._serve, args=(loop, sock, ready),
+                                        name=f"collector:{self._port}", daemon=True)
         self._thread.start()
+        ready.wait()
         return self
 
+    def _serve(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+               ready: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        state = self._state
+        assert state is not None
+        try:
+            self._listener = loop.run_until_complete(
+                loop.create_server(lambda: _Connection(state), sock=sock))
+            loop.call_later(IDLE_SWEEP_S, self._sweep_idle, loop)
+        finally:
+            ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    def _sweep_idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hang up keep-alive connections idle for ``IDLE_TIMEOUT_S``."""
+        assert self._state is not None
+        oldest = time.monotonic() - IDLE_TIMEOUT_S
+        for conn in list(self._state.connections):
+            if conn.last_active < oldest and not conn.waiting and conn.transport is not None:
+                conn.closing = True
+                conn.transport.close()
+        loop.call_later(IDLE_SWEEP_S, self._sweep_idle, loop)
+
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving, hang up every connection and wait (up to ``timeout`` s) for
-        the request threads to finish. Idempotent."""
-        server, self._server = self._server, None
-        if server is None:
+        """Stop serving, hang up every connection (delayed answers are not sent) and
+        wait (up to ``timeout`` s) for the loop to end. Idempotent."""
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None:
             return
-        server.stopping.set()  # wakes requests sleeping on a delay fault
-        server.shutdown()
-        server.server_close()
-        with server.connections_lock:
-            open_connections = list(server.connections)
-        for conn in open_connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed by its thread
-        deadline = time.monotonic() + timeout
-        while server.connections and time.monotonic() < deadline:
-            time.sleep(0.01)  # request threads are daemons we do not hold handles to
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._thread = self._loop = None
+
+        def shut_down() -> None:
+            if self._listener is not None:
+                self._listener.close()
+            assert self._state is not None
+            for conn in list(self._state.connections):
+                conn.closing = True
+                if conn.transport is not None:
+                    conn.transport.abort()
+            loop.call_soon(loop.stop)  # after the aborts' connection_lost callbacks
+
+        try:
+            loop.call_soon_threadsafe(shut_down)
+        except RuntimeError:
+            pass  # the loop already ended
+        thread.join(timeout)
+
+    @property
+    def connections(self) -> int:
+        """Open client connections (0 after ``stop()``)."""
+        return len(self._state.connections) if self._state is not None else 0
 
     def __enter__(self) -> "Collector":
         return self.start()
@@ -555,10 +685,8 @@ class Collector:
 
     @property
     def port(self) -> int:
-        """The bound port (the real one when started with port 0)."""
-        if self._server is None:
-            return self._requested_port
-        return self._server.server_address[1]
+        """The bound port (the real one once started with port 0)."""
+        return self._port if self._port is not None else self._requested_port
 
     @property
     def url(self) -> str:

@@ -30,7 +30,9 @@ raises ``StoreFull`` (SQLITE_FULL: disk or ``max_page_count`` reached) or
 
 from __future__ import annotations
 
+import collections
 import heapq
+import itertools
 import os
 import sqlite3
 from contextlib import contextmanager
@@ -71,9 +73,10 @@ _SQL_DUE_BY_ID = (
     "WHERE next_attempt_at > 0 AND next_attempt_at <= ? AND id < ? ORDER BY id LIMIT ?"
 )
 _SQL_UNRELEASE = f"UPDATE queue SET next_attempt_at = 0 WHERE id IN {_IN}"
-_SQL_LEASED_ROWS = f"SELECT id, enqueued_at, attempts, payload FROM queue WHERE id IN {_IN}"
+# Columns in QueuedEvent order.
+_SQL_LEASED_ROWS = f"SELECT id, payload, enqueued_at, attempts FROM queue WHERE id IN {_IN}"
 # A run of consecutive ids (the usual lease of fresh rows) is one range, not 500 binds.
-_SQL_LEASED_RANGE = "SELECT id, enqueued_at, attempts, payload FROM queue WHERE id BETWEEN ? AND ?"
+_SQL_LEASED_RANGE = "SELECT id, payload, enqueued_at, attempts FROM queue WHERE id BETWEEN ? AND ?"
 _SQL_SIZES = f"SELECT count(*), CAST(total(size) AS INTEGER) FROM queue WHERE id IN {_IN}"
 _SQL_ACK = f"DELETE FROM queue WHERE id IN {_IN}"
 _SQL_ACK_RANGE = "DELETE FROM queue WHERE id BETWEEN ? AND ?"
@@ -315,18 +318,18 @@ class SQLiteStore:
             fresh = [c[0] for c in chosen if c[2] == _FRESH]
             if fresh:
                 self._cursor = max(self._cursor, fresh[-1])
-            # ascending: candidates come merged in id order
-            rows = self._by_ids(_SQL_LEASED_ROWS, _SQL_LEASED_RANGE, [c[0] for c in chosen])
+            ids = [c[0] for c in chosen]  # ascending: candidates come merged in id order
+            rows = self._by_ids(_SQL_LEASED_ROWS, _SQL_LEASED_RANGE, ids)
         lease = _Lease(now + lease_seconds)
-        for row_id, size, source in chosen:
+        for row_id, _, source in chosen:
             if source > 0:
                 self._leases[source].sizes.pop(row_id, None)
                 self.expired_leased += 1
-            lease.sizes[row_id] = size
-            self._holder[row_id] = lease_id
+        lease.sizes = {c[0]: c[1] for c in chosen}
+        self._holder.update(dict.fromkeys(ids, lease_id))
         self._leases[lease_id] = lease
         rows.sort()
-        return [QueuedEvent(id=r[0], payload=bytes(r[3]), enqueued_at=r[1], attempts=r[2]) for r in rows]
+        return list(map(QueuedEvent._make, rows))
 
     def _by_ids(self, sql_in: str, sql_range: str, ids: Sequence[int]) -> List[Any]:
         """Run ``sql_in`` (an ``IN {_IN}`` statement) for ``ids`` (distinct, ascending),
@@ -391,9 +394,16 @@ class SQLiteStore:
             due = [(i, size, _DUE) for i, size in self._conn.execute(sql, (now, bound, limit))]
         # Not cut to ``limit`` here: lease() puts the expired-lease rows it does not
         # take back in the heap.
+        if not due and not returned:
+            return fresh  # the usual case; heapq.merge costs a Python step per row
         return list(heapq.merge(fresh, due, returned))
 
     def ack(self, lease_id: int, ids: Sequence[int]) -> int:
+        lease = self._leases.get(lease_id)
+        if lease is not None:
+            wanted = set(ids)
+            if len(wanted) == len(ids) and lease.sizes.keys() >= wanted:
+                return self._ack_held(lease, sorted(wanted))
         deleted = 0
         with self._write("ack"):
             known, other = self._split_held(ids)
@@ -410,6 +420,21 @@ class SQLiteStore:
             self._queued_bytes -= sum(size for _, size in known)
         self._unhold([i for i, _ in known])
         return deleted
+
+    def _ack_held(self, lease: _Lease, ids: List[int]) -> int:
+        """The usual ack: distinct ids (ascending), every one still held by ``lease``.
+        The other rows of the lease stay held."""
+        sizes = lease.sizes
+        with self._write("ack"):
+            self._by_ids(_SQL_ACK, _SQL_ACK_RANGE, ids)
+            self._queued -= len(ids)
+            self._queued_bytes -= sum(map(sizes.__getitem__, ids))
+        if len(ids) == len(sizes):
+            sizes.clear()
+        else:
+            collections.deque(map(sizes.pop, ids), 0)
+        collections.deque(map(self._holder.pop, ids, itertools.repeat(None)), 0)
+        return len(ids)
 
     def _split_held(self, ids: Sequence[int]) -> Tuple[List[Tuple[int, int]], List[int]]:
         """(held rows with their sizes, other ids), duplicates dropped."""

@@ -57,16 +57,13 @@ def http() -> Iterator[urllib3.PoolManager]:
     pool.clear()
 
 
-def _request_threads() -> List[threading.Thread]:
-    return [t for t in threading.enumerate() if "process_request_thread" in t.name]
-
-
 @pytest.fixture
 def collector() -> Iterator[Collector]:
     with Collector(port=0) as c:
         yield c
-    # stop() hangs up idle keep-alive connections, so no request thread outlives it
-    wait_for(lambda: not _request_threads(), timeout=5)
+    # stop() hangs up idle keep-alive connections and ends the loop's thread
+    assert c.connections == 0
+    assert not [t for t in threading.enumerate() if t.name == f"collector:{c.port}"]
 
 
 def post(http: urllib3.PoolManager, c: Collector, body: bytes, **headers: str) -> urllib3.BaseHTTPResponse:
@@ -314,3 +311,62 @@ def test_exit_codes_for_a_taken_port_and_a_bad_option(collector: Collector) -> N
                            "--fail-rate", "1.5"], capture_output=True, text=True, timeout=30)
     assert done.returncode == exitcodes.CONFIG_ERROR
     assert "--fail-rate" in done.stderr
+
+
+def _raw_exchange(c: Collector, data: bytes) -> bytes:
+    """Send ``data`` on a fresh connection and read until the collector hangs up."""
+    with socket.create_connection(("127.0.0.1", c.port), timeout=5) as s:
+        s.sendall(data)
+        received = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return received
+            received += chunk
+
+
+def test_pipelined_requests_are_answered_in_order_and_close_is_honoured(collector: Collector) -> None:
+    first, second = envelope(event(se_la="one")), envelope(event(se_la="two"))
+    data = b"".join(
+        f"POST {TP2} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(b)}\r\n{extra}\r\n".encode() + b
+        for b, extra in ((first, ""), (second, "Connection: close\r\n")))
+    answers = _raw_exchange(collector, data)  # returns only because the collector hangs up
+    assert answers.count(b"HTTP/1.1 200 OK\r\n") == 2
+    assert answers.index(b"Connection: close") > answers.index(b"HTTP/1.1 200", 1)
+    assert [r["event"]["se_la"] for r in collector.good()] == ["one", "two"]
+
+
+def test_http_1_0_gets_one_answer_per_connection(collector: Collector) -> None:
+    answer = _raw_exchange(collector, b"GET /micro/all HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b'"bad": 0}')
+    assert b"Connection: close\r\n" in answer
+
+
+@pytest.mark.parametrize("data, status", [
+    (b"NONSENSE\r\n\r\n", b"400"),
+    (b"POST /micro/reset HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
+    (b"POST /micro/reset HTTP/1.1\r\nContent-Length: -3\r\n\r\n", b"400"),
+    (b"DELETE /micro/reset HTTP/1.1\r\nConnection: close\r\n\r\n", b"501"),
+    (b"GET /micro/all HTTP/1.1\r\nX: " + b"a" * 70_000, b"431"),
+])
+def test_malformed_requests_get_an_error_and_a_hang_up(collector: Collector, data: bytes,
+                                                       status: bytes) -> None:
+    answer = _raw_exchange(collector, data)
+    assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:80]
+    assert collector.counts()["total"] == 0
+
+
+def test_idle_keep_alive_connections_are_hung_up(monkeypatch: Any) -> None:
+    from sp_pipeline.collector import server
+
+    monkeypatch.setattr(server, "IDLE_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(server, "IDLE_SWEEP_S", 0.05)
+    with Collector(port=0) as c:
+        with socket.create_connection(("127.0.0.1", c.port), timeout=5) as s:
+            s.sendall(b"GET /micro/all HTTP/1.1\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            assert c.connections == 1
+            started = time.monotonic()
+            assert s.recv(4096) == b""  # the collector hung up
+            assert time.monotonic() - started >= 0.2
+        wait_for(lambda: c.connections == 0)
