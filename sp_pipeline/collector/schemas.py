@@ -355,8 +355,10 @@ PAYLOAD_DATA_1_0_4 = f"iglu:{SNOWPLOW}/payload_data/jsonschema/1-0-4"
 #: Event fields holding self-describing JSON (plain or base64url), checked in this order.
 _JSON_FIELDS = ("cx", "co", "ue_px", "ue_pr")
 _JSON_FIELD_SET = frozenset(_JSON_FIELDS)
-#: Distinct valid JSON field values remembered per checker (see ``_check_alone``).
+#: Distinct valid JSON field values remembered per checker (see ``_known_good``), and
+#: how many values seen once are remembered as candidates for it.
 JSON_FIELD_CACHE = 1024
+JSON_FIELD_SEEN = 4096
 
 
 class EnvelopeError(SpPipelineError, ValueError):
@@ -407,7 +409,8 @@ class EventChecker:
                 assert validator is not None
                 self._items[uri] = Validator.compile(validator.schema["items"])
         self.default_items = self._items[PAYLOAD_DATA_1_0_4]
-        self._known_good = functools.lru_cache(maxsize=JSON_FIELD_CACHE)(self._check_alone)
+        self._cache: Dict[Tuple[str, str], Inspection] = {}
+        self._seen_once: set = set()
 
     def envelope(self, body: Any) -> Tuple[Validator, List[Any]]:
         """``(event validator, events)`` of a parsed POST body, or ``EnvelopeError``."""
@@ -459,13 +462,37 @@ class EventChecker:
         else:
             self._unstruct(text, field == "ue_px", path, found)
 
-    def _check_alone(self, field: str, text: str) -> Optional[Inspection]:
+    def _known_good(self, field: str, text: str) -> Optional[Inspection]:
         """The inspection of one JSON field when it is valid, else ``None``.
 
-        Wrapped in an LRU cache per checker: trackers repeat the same ``cx`` (device,
-        application contexts) on event after event, and decoding is most of the cost.
-        Cached results are shared between events and must not be mutated.
+        Trackers repeat the same ``cx`` (device, application contexts) on event after
+        event, and decoding is most of the cost, so valid values are cached. Only a
+        value seen twice is cached: values that never come back (an ``ue_px``, a
+        per-page context) would only push the useful ones out, and freeing their cold
+        decoded trees costs more than the cache saves. Cached results are shared
+        between events and must not be mutated. Used from one thread (the collector's
+        event loop); concurrent use can at worst decode a value twice.
         """
+        key = (field, text)
+        found = self._cache.get(key)
+        if found is not None:
+            return found
+        found = self._check_alone(field, text)
+        if found is None:
+            return None
+        h = hash(key)  # the str caches its hash: cheap the second time
+        if h in self._seen_once:
+            if len(self._cache) >= JSON_FIELD_CACHE:
+                del self._cache[next(iter(self._cache))]  # the oldest entry
+            self._cache[key] = found
+        else:
+            if len(self._seen_once) >= JSON_FIELD_SEEN:
+                self._seen_once.clear()
+            self._seen_once.add(h)
+        return found
+
+    def _check_alone(self, field: str, text: str) -> Optional[Inspection]:
+        """The inspection of one JSON field when it is valid, else ``None``."""
         found = Inspection([], [], None, [])
         self._json_field(field, text, field, found)
         return None if found.errors else found
