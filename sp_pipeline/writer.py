@@ -399,8 +399,8 @@ class Writer:
         self._insert_pending(now)  # a lease sees the events read before it
         lease_id = self._next_lease_id
         self._next_lease_id = (self._next_lease_id + 1) & 0x7FFFFFFF or 1
-        rows = self.store.lease(lease_id, max(1, min(max_events, 10_000)), max(1, max_bytes),
-                                now, self.s.lease_seconds)
+        rows = self.store.lease_wire(lease_id, max(1, min(max_events, 10_000)),
+                                     max(1, max_bytes), now, self.s.lease_seconds)
         if not rows:
             return False
         expired = getattr(self.store, "expired_leased", 0)
@@ -408,8 +408,8 @@ class Writer:
             self._metrics.m.LEASE_EXPIRED.inc(expired - self.totals["expired_leased"])
             self.totals["expired_leased"] = expired
         self._dirty += _ROW_WRITE_BYTES * len(rows)
-        batch = [[r.id, r.payload, int(r.enqueued_at * 1000), r.attempts] for r in rows]
-        self._replies.append((routing_id, wire.encode_reply(wire.OP_BATCH, req_id, lease_id, batch)))
+        # (id, payload, enqueued_at ms, attempts) tuples, packed as they come from SQLite
+        self._replies.append((routing_id, wire.encode_reply(wire.OP_BATCH, req_id, lease_id, rows)))
         self._metrics.lease(len(rows))
         return True
 

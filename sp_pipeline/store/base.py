@@ -108,6 +108,11 @@ class Store(Protocol):
         The lease expires at ``now + lease_seconds``; ``lease_id`` must not be in use.
         """
 
+    def lease_wire(self, lease_id: int, max_events: int, max_bytes: int, now: float,
+                   lease_seconds: float) -> List[Tuple[int, bytes, int, int]]:
+        """``lease()``, each row as ``(id, payload, enqueued_at_ms, attempts)`` with
+        ``enqueued_at`` in integer milliseconds, as the writer's lease reply carries it."""
+
     def ack(self, lease_id: int, ids: Sequence[int]) -> int:
         """Delete delivered rows. Deletes a row whatever lease holds it now (it was
         delivered); returns how many rows were deleted."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import operator
 import os
 import sqlite3
 from contextlib import contextmanager
@@ -54,8 +55,9 @@ _CHUNK = 500
 _IN = "(" + ",".join("?" * _CHUNK) + ")"
 
 _SQL_INSERT = "INSERT INTO queue(size, enqueued_at, payload) VALUES (?, ?, ?)"
+# Rows come out as _eligible()'s (id, size, source) candidates, source 0 = _FRESH.
 _SQL_FRESH = (
-    "SELECT id, size FROM queue INDEXED BY queue_ready "
+    "SELECT id, size, 0 FROM queue INDEXED BY queue_ready "
     "WHERE next_attempt_at = 0 AND id > ? ORDER BY id LIMIT ?"
 )
 _MAX_ID = (1 << 63) - 1
@@ -73,8 +75,13 @@ _SQL_DUE_BY_ID = (
     "WHERE next_attempt_at > 0 AND next_attempt_at <= ? AND id < ? ORDER BY id LIMIT ?"
 )
 _SQL_UNRELEASE = f"UPDATE queue SET next_attempt_at = 0 WHERE id IN {_IN}"
-# Columns in QueuedEvent order.
+# Columns in QueuedEvent order; the _WIRE forms give enqueued_at in integer ms, as
+# the lease reply to a sender carries it (wire.py), so rows go out as they come.
 _SQL_LEASED_ROWS = f"SELECT id, payload, enqueued_at, attempts FROM queue WHERE id IN {_IN}"
+_SQL_WIRE_ROWS = ("SELECT id, payload, CAST(round(enqueued_at * 1000) AS INTEGER), attempts "
+                  f"FROM queue WHERE id IN {_IN}")
+_SQL_WIRE_RANGE = ("SELECT id, payload, CAST(round(enqueued_at * 1000) AS INTEGER), attempts "
+                   "FROM queue WHERE id BETWEEN ? AND ?")
 # A run of consecutive ids (the usual lease of fresh rows) is one range, not 500 binds.
 _SQL_LEASED_RANGE = "SELECT id, payload, enqueued_at, attempts FROM queue WHERE id BETWEEN ? AND ?"
 _SQL_SIZES = f"SELECT count(*), CAST(total(size) AS INTEGER) FROM queue WHERE id IN {_IN}"
@@ -106,6 +113,7 @@ _SQL_DEAD_PAGE = (
 )
 
 
+_first, _second = operator.itemgetter(0), operator.itemgetter(1)
 _FRESH = 0  # candidate sources in _eligible(); a positive source is an expired lease id
 _DUE = -1
 _EARLIEST_RETRY = 1.0  # next_attempt_at of a released row is never 0 ("never leased")
@@ -289,6 +297,19 @@ class SQLiteStore:
         now: float,
         lease_seconds: float,
     ) -> List[QueuedEvent]:
+        rows = self._lease(lease_id, max_events, max_bytes, now, lease_seconds,
+                           _SQL_LEASED_ROWS, _SQL_LEASED_RANGE)
+        return list(map(QueuedEvent._make, rows))
+
+    def lease_wire(self, lease_id: int, max_events: int, max_bytes: int, now: float,
+                   lease_seconds: float) -> List[Tuple[int, bytes, int, int]]:
+        """``lease()``, with each row as the ``(id, payload, enqueued_at_ms, attempts)``
+        tuple a lease reply carries: no Python object is built per row."""
+        return self._lease(lease_id, max_events, max_bytes, now, lease_seconds,
+                           _SQL_WIRE_ROWS, _SQL_WIRE_RANGE)
+
+    def _lease(self, lease_id: int, max_events: int, max_bytes: int, now: float,
+               lease_seconds: float, sql_in: str, sql_range: str) -> List[Any]:
         if lease_id == 0:
             raise ValueError("lease_id: 0 means 'not leased'; use a non-zero id")
         if lease_id in self._leases:
@@ -303,7 +324,7 @@ class SQLiteStore:
             limit = self._lease_probe(max_events, max_bytes)
             while True:
                 candidates = self._eligible(limit, now)
-                count = batching.take([c[1] for c in candidates], max_bytes, limit)
+                count = batching.take(map(_second, candidates), max_bytes, limit)
                 if count < limit or limit == max_events:
                     break
                 self._give_back(candidates)
@@ -319,7 +340,7 @@ class SQLiteStore:
             if fresh:
                 self._cursor = max(self._cursor, fresh[-1])
             ids = [c[0] for c in chosen]  # ascending: candidates come merged in id order
-            rows = self._by_ids(_SQL_LEASED_ROWS, _SQL_LEASED_RANGE, ids)
+            rows = self._by_ids(sql_in, sql_range, ids)
         lease = _Lease(now + lease_seconds)
         for row_id, _, source in chosen:
             if source > 0:
@@ -329,7 +350,7 @@ class SQLiteStore:
         self._holder.update(dict.fromkeys(ids, lease_id))
         self._leases[lease_id] = lease
         rows.sort()
-        return list(map(QueuedEvent._make, rows))
+        return rows
 
     def _by_ids(self, sql_in: str, sql_range: str, ids: Sequence[int]) -> List[Any]:
         """Run ``sql_in`` (an ``IN {_IN}`` statement) for ``ids`` (distinct, ascending),
@@ -375,9 +396,9 @@ class SQLiteStore:
         the expired lease that last held it. Rows younger than the ``limit``-th fresh
         one cannot make the cut, so the other searches stop there."""
         holder = self._holder
-        fresh = [(i, size, _FRESH) for i, size in
-                 self._conn.execute(_SQL_FRESH, (self._cursor, limit)).fetchall()
-                 if i not in holder]
+        fresh = self._conn.execute(_SQL_FRESH, (self._cursor, limit)).fetchall()
+        if holder and not holder.keys().isdisjoint(map(_first, fresh)):
+            fresh = [c for c in fresh if c[0] not in holder]
         bound = fresh[-1][0] if len(fresh) == limit else _MAX_ID
         returned: List[Tuple[int, int, int]] = []
         while self._returned and len(returned) < limit and self._returned[0][0] < bound:

@@ -338,3 +338,20 @@ def test_stats_with_counters_match_a_recount(tmp_path: Path) -> None:
         mine = store.stats(T0 + 100)
     with open_readonly(str(path)) as view:
         assert view.stats(T0 + 100) == mine
+
+
+def test_lease_wire_gives_the_rows_of_lease_as_reply_tuples(tmp_path: Path) -> None:
+    # The writer packs lease_wire()'s rows into the lease reply as they come: they must
+    # be lease()'s rows, oldest first, with enqueued_at in integer milliseconds.
+    with SQLiteStore(str(tmp_path / "a.db")) as a, SQLiteStore(str(tmp_path / "b.db")) as b:
+        for store in (a, b):
+            store.enqueue([b'{"e":"pv","n":%d}' % i for i in range(4)], T0 + 0.0015)
+            store.enqueue([b'{"e":"se"}'], T0 + 2.25)
+            store.commit()
+        first = a.lease(1, 3, 1 << 20, T0 + 5, 30.0)
+        wire_rows = b.lease_wire(1, 3, 1 << 20, T0 + 5, 30.0)
+        assert wire_rows == [(e.id, e.payload, round(e.enqueued_at * 1000), e.attempts)
+                             for e in first]
+        assert all(type(r) is tuple and type(r[2]) is int for r in wire_rows)
+        assert [r[0] for r in b.lease_wire(2, 10, 1 << 20, T0 + 5, 30.0)] == [4, 5]
+        assert b.ack(1, [r[0] for r in wire_rows]) == 3
