@@ -119,6 +119,8 @@ class Sender:
         self.m = metrics
         for outcome in ("delivered", "retried", "dead_lettered"):
             metrics.SENDER_EVENTS.labels(outcome)  # series exist (at 0) from the start
+        self._delivered = metrics.SENDER_EVENTS.labels("delivered")
+        self._requests_by_code: dict = {}  # status code -> its SENDER_REQUESTS child
 
     def run_thread(self) -> None:
         lc = LeaseClient(self.ctx, self.s.lease_endpoint)
@@ -219,12 +221,15 @@ class Sender:
     def _ack(self, lc: LeaseClient, lease_id: int, rows: Sequence[Row]) -> None:
         lc.ack(lease_id, [r.id for r in rows])
         now = self.clock()
-        self.m.SENDER_EVENTS.labels("delivered").inc(len(rows))
+        self._delivered.inc(len(rows))
         self.m.observe_many(self.m.DELIVERY_LATENCY, [max(0.0, now - r.enqueued_at) for r in rows])
 
     def _observe(self, resp: Response, events: int) -> None:
-        code = str(resp.status) if resp.status is not None else "error"
-        self.m.SENDER_REQUESTS.labels(code).inc()
+        child = self._requests_by_code.get(resp.status)
+        if child is None:
+            code = str(resp.status) if resp.status is not None else "error"
+            child = self._requests_by_code[resp.status] = self.m.SENDER_REQUESTS.labels(code)
+        child.inc()
         if resp.attempts > 1:  # the connection died before an answer: tried again at once
             self.m.SENDER_REQUESTS.labels("reset_resent").inc(resp.attempts - 1)
         self.m.SENDER_REQUEST_SECONDS.observe(resp.elapsed)

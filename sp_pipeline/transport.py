@@ -174,7 +174,7 @@ class Transport:
             try:
                 # preload_content reads the whole (small) answer, which returns the
                 # connection to the pool for keep-alive reuse.
-                r = self._pool.request(
+                r = self._pool.urlopen(
                     method, url, body=body, headers=headers,
                     retries=False, redirect=False, preload_content=True,
                 )
