@@ -24,7 +24,6 @@ Error strings name the JSON path and the rule: ``data[3].se_va: must be a string
 
 from __future__ import annotations
 
-import base64
 import binascii
 import functools
 import json
@@ -57,6 +56,9 @@ Check = Callable[[Any, str, List[str]], None]
 
 class SchemaError(SpPipelineError):
     """A schema uses a keyword or value this validator does not implement."""
+
+
+_decode_json = json.JSONDecoder().decode
 
 
 def _is_int(v: Any) -> bool:
@@ -127,14 +129,27 @@ def _enum_check(values: List[Any]) -> Check:
     return check
 
 
+#: Strings whose pattern outcome each compiled ``pattern`` keeps (then starts afresh).
+PATTERN_MEMO = 4096
+
+
 def _string_checks(schema: Mapping[str, Any]) -> Iterator[Check]:
     if "pattern" in schema:
         regex = re.compile(schema["pattern"])
         shown = schema["pattern"]
+        # Patterned strings are mostly Iglu URIs, the same few on every event.
+        memo: Dict[str, bool] = {}
 
         def pattern(v: Any, path: str, errors: List[str]) -> None:
-            if isinstance(v, str) and regex.search(v) is None:
-                errors.append(f"{path}: must match pattern {shown}")
+            if isinstance(v, str):
+                ok = memo.get(v)
+                if ok is None:
+                    ok = regex.search(v) is not None
+                    if len(memo) >= PATTERN_MEMO:
+                        memo.clear()
+                    memo[v] = ok
+                if not ok:
+                    errors.append(f"{path}: must match pattern {shown}")
         yield pattern
     lo, hi = schema.get("minLength"), schema.get("maxLength")
     if lo is not None or hi is not None:
@@ -381,13 +396,17 @@ class Inspection:
     unknown_schemas: List[str]
 
 
+_TO_STANDARD_ALPHABET = bytes.maketrans(b"-_", b"+/")
+
+
 def decode_base64url(text: str) -> bytes:
     """URL-safe base64 with or without padding (standard ``+/`` tolerated too)."""
-    cleaned = text.replace("+", "-").replace("/", "_").rstrip("=")
     try:
-        return base64.b64decode(cleaned + "=" * (-len(cleaned) % 4), altchars=b"-_",
-                                validate=True)
-    except (binascii.Error, ValueError):
+        raw = text.encode("ascii").rstrip(b"=").translate(_TO_STANDARD_ALPHABET)
+        # strict_mode: only alphabet characters, and padding only at the end (what
+        # b64decode(validate=True) checks), without b64decode's Python layers.
+        return binascii.a2b_base64(raw + b"=" * (-len(raw) % 4), strict_mode=True)
+    except (UnicodeEncodeError, binascii.Error):
         raise ValueError("not valid base64url") from None
 
 
@@ -501,9 +520,9 @@ class EventChecker:
                  found: Inspection) -> Optional[Tuple[Optional[Validator], Any]]:
         """Decode a self-describing JSON field; check it names a ``name`` schema."""
         try:
-            raw = decode_base64url(text) if encoded else text
-            value = json.loads(raw)
-        except ValueError as exc:
+            # a str for json: bytes would first go through its encoding detection
+            value = _decode_json(decode_base64url(text).decode("utf-8") if encoded else text)
+        except ValueError as exc:  # UnicodeDecodeError is one
             rule = str(exc) if "base64" in str(exc) else "not valid JSON"
             found.errors.append(f"{path}: {rule}")
             return None
