@@ -113,6 +113,10 @@ class Transport:
             cert_reqs="CERT_REQUIRED",
             ca_certs=ca_bundle or None,
         )
+        # The one connection pool of the one collector, used directly: PoolManager's
+        # urlopen would parse the URL and look the pool up again on every request.
+        self._host_pool = self._pool.connection_from_url(self.collector_url)
+        self._base_path = urllib.parse.urlsplit(self.collector_url).path
 
     @classmethod
     def from_settings(cls, settings: "Settings") -> "Transport":
@@ -142,7 +146,7 @@ class Transport:
         if self.gzip:
             body = gzip_lib.compress(body, compresslevel=GZIP_LEVEL, mtime=0)
             headers["Content-Encoding"] = "gzip"
-        return self._request("POST", self.collector_url + POST_PATH, body, headers)
+        return self._request("POST", self._base_path + POST_PATH, body, headers)
 
     def get(self, event: bytes, stm_ms: int) -> Response:
         """GET ``/i`` with the event's fields plus ``stm`` as the query string.
@@ -152,8 +156,8 @@ class Transport:
         """
         fields = _event_fields(event)
         fields["stm"] = str(stm_ms)
-        url = self.collector_url + GET_PATH + "?" + urllib.parse.urlencode(fields)
-        return self._request("GET", url, None, self._headers)
+        path = self._base_path + GET_PATH + "?" + urllib.parse.urlencode(fields)
+        return self._request("GET", path, None, self._headers)
 
     def close(self) -> None:
         """Close every pooled connection. The Transport must not be used afterwards."""
@@ -166,7 +170,7 @@ class Transport:
         self.close()
 
     def _request(
-        self, method: str, url: str, body: Optional[bytes], headers: Dict[str, str]
+        self, method: str, path: str, body: Optional[bytes], headers: Dict[str, str]
     ) -> Response:
         sent = len(body) if body is not None else 0
         start = self._clock()
@@ -174,8 +178,8 @@ class Transport:
             try:
                 # preload_content reads the whole (small) answer, which returns the
                 # connection to the pool for keep-alive reuse.
-                r = self._pool.urlopen(
-                    method, url, body=body, headers=headers,
+                r = self._host_pool.urlopen(
+                    method, path, body=body, headers=headers,
                     retries=False, redirect=False, preload_content=True,
                 )
             except (u3.HTTPError, OSError) as exc:
