@@ -217,6 +217,9 @@ class Client:
                 # ZeroMQ's queue is full: what is sent below confirms first.
                 self._send_batch_until(sock, deadline)
             target = self._seq
+            if self._batch:  # still not sent at the deadline: it cannot be confirmed
+                waiting = len(self._batch) + sum(len(evs) for evs in self._pending.values())
+                raise FlushTimeout(waiting, timeout)
         while True:
             with self._lock:
                 sock = self._socket()
