@@ -143,12 +143,14 @@ class StoredBatch(NamedTuple):
 
 class Recorder:
     """Everything the collector has received, bounded by ``Limits``. Thread-safe: one
-    lock, taken once per request. ``checker`` decodes stored events when asked."""
+    lock, taken once per request. Stored events are decoded when asked with a checker
+    of its own (a checker's cache is not for two threads), one caller at a time."""
 
     def __init__(self, limits: Optional[Limits] = None,
-                 checker: Optional[EventChecker] = None) -> None:
+                 registry: Optional[SchemaRegistry] = None) -> None:
         self.limits = limits or Limits()
-        self.checker = checker or EventChecker(SchemaRegistry())
+        self.checker = EventChecker(registry or SchemaRegistry())
+        self._decode_lock = threading.Lock()
         self._lock = threading.Lock()
         self._request_ids = itertools.count(1)
         self.reset()
@@ -234,8 +236,9 @@ class Recorder:
                 events = [(i, e) for i, e in events if e.get("e") == event_type]
             newest_first.append((batch, events))
             found += len(events)
-        records = [batch.to_json(i, e, self.checker)
-                   for batch, events in reversed(newest_first) for i, e in events]
+        with self._decode_lock:
+            records = [batch.to_json(i, e, self.checker)
+                       for batch, events in reversed(newest_first) for i, e in events]
         return _newest(records, limit)
 
     def bad(self, limit: Optional[int] = None) -> List[Dict[str, Any]]:
@@ -639,7 +642,7 @@ class Collector:
         self.host, self._requested_port = host, port
         self.injector = FaultInjector(faults or Faults().updated(fault_fields))
         self.checker = EventChecker(registry or SchemaRegistry())
-        self.recorder = Recorder(limits, self.checker)
+        self.recorder = Recorder(limits, self.checker.registry)
         self._port: Optional[int] = None
         self._state: Optional[_Server] = None
         self._listener: Optional[asyncio.AbstractServer] = None
