@@ -729,6 +729,13 @@ class Collector:
         """Open client connections (0 after ``stop()``)."""
         return len(self._state.connections) if self._state is not None else 0
 
+    @property
+    def delayed(self) -> int:
+        """Requests received whose answer waits on a ``delay_ms`` timer."""
+        if self._state is None:
+            return 0
+        return sum(1 for conn in list(self._state.connections) if conn.waiting)
+
     def __enter__(self) -> "Collector":
         return self.start()
 

@@ -370,3 +370,25 @@ def test_idle_keep_alive_connections_are_hung_up(monkeypatch: Any) -> None:
             assert s.recv(4096) == b""  # the collector hung up
             assert time.monotonic() - started >= 0.2
         wait_for(lambda: c.connections == 0)
+
+
+def test_stop_does_not_wait_for_a_delayed_answer() -> None:
+    c = Collector(port=0, delay_ms=30_000).start()
+    outcome: List[Any] = []
+
+    def post_one() -> None:
+        pool = urllib3.PoolManager(retries=False, timeout=60)
+        try:
+            outcome.append(post(pool, c, envelope(event())).status)
+        except urllib3.exceptions.HTTPError as exc:
+            outcome.append(exc)
+
+    client = threading.Thread(target=post_one)
+    client.start()
+    wait_for(lambda: c.delayed == 1)  # received, its answer waiting on the 30 s timer
+    started = time.monotonic()
+    c.stop()
+    client.join(10)
+    assert time.monotonic() - started < 5 and not client.is_alive()
+    assert isinstance(outcome[0], urllib3.exceptions.ProtocolError)  # hung up, no answer
+    assert c.connections == 0 and c.counts()["total"] == 0  # recorded only when answered
