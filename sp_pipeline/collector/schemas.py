@@ -346,8 +346,8 @@ def bundled_schemas() -> Dict[str, Dict[str, Any]]:
 
 
 class SchemaRegistry:
-    """Compiled validators by Iglu URI. Immutable after construction, so it is shared
-    by every request thread without a lock."""
+    """Compiled validators by Iglu URI. Not changed after construction but for the
+    pattern checks' memos, which tolerate concurrent use: shared without a lock."""
 
     def __init__(self, schemas: Optional[Mapping[str, Mapping[str, Any]]] = None) -> None:
         source = bundled_schemas() if schemas is None else schemas
@@ -413,7 +413,9 @@ def decode_base64url(text: str) -> bytes:
 class EventChecker:
     """Checks payload_data envelopes and events against a ``SchemaRegistry``.
 
-    Thread-safe: holds only immutable compiled validators.
+    Meant for one thread at a time: besides the compiled validators it keeps a cache
+    of valid JSON field values (``_known_good``); the compiled ``pattern`` checks keep
+    memos that any thread may share (a lost update only means a regex runs again).
     """
 
     def __init__(self, registry: SchemaRegistry) -> None:
