@@ -25,19 +25,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import urllib3  # noqa: E402
 
+from delivery_bench import cpu_seconds  # noqa: E402
+
 from sp_pipeline.batching import post_body, take  # noqa: E402
 from sp_pipeline.payload import TrackerInfo, build, encode_event  # noqa: E402
 from sp_pipeline.samples import mixed_events  # noqa: E402
 from sp_pipeline.testing import LocalCollector  # noqa: E402
 
 TP2 = "/com.snowplowanalytics.snowplow/tp2"
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used so far."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bodies(n: int, byte_limit: int) -> List[bytes]:
