@@ -291,6 +291,7 @@ class _Connection(asyncio.Protocol):
         self.transport: Optional[asyncio.Transport] = None
         self.buffer = bytearray()
         self.waiting = False  # a delayed answer is pending: later requests wait for it
+        self.keep_alive = True  # of the request being answered
         self.closing = False
         self.last_active = time.monotonic()
 
@@ -328,6 +329,7 @@ class _Connection(asyncio.Protocol):
                 return
             if request is None:
                 return
+            self.keep_alive = request.keep_alive  # until its answer: later ones wait
             try:
                 self._route(request)
             except Exception:  # a collector bug must not take the connection's peers down
@@ -376,25 +378,26 @@ class _Connection(asyncio.Protocol):
 
     def _route(self, req: _Request) -> None:
         if req.method not in ("GET", "POST"):
-            self._send(501, b"unsupported method\n", "text/plain", keep_alive=req.keep_alive)
+            self._send(501, b"unsupported method\n", "text/plain")
         elif req.path == TP2_PATH and req.method == "POST":
             self._collect(req, "POST", req.body)
         elif req.path == GET_PATH and req.method == "GET":
             self._collect(req, "GET", req.query.encode("latin-1", "replace"))
         elif req.path.startswith("/micro/"):
             body = req.body if req.method == "POST" else None
-            self._report(req, req.path[len("/micro/"):], parse_qs(req.query), body)
+            self._report(req.path[len("/micro/"):], parse_qs(req.query), body)
         else:
-            self._send(404, b"not found\n", "text/plain", keep_alive=req.keep_alive)
+            self._send(404, b"not found\n", "text/plain")
 
     # -- answers --
 
     def _send(self, status: int, body: bytes, content_type: str,
-              headers: Optional[Dict[str, str]] = None, keep_alive: bool = True,
-              close: bool = False) -> None:
+              headers: Optional[Dict[str, str]] = None, close: bool = False) -> None:
+        """Answer the request in hand; the connection closes after it when ``close`` or
+        when that request did not keep the connection alive."""
         if self.transport is None or self.closing:
             return
-        close = close or not keep_alive
+        close = close or not self.keep_alive
         lines = [f"HTTP/1.1 {status} {_reason(status)}", f"Server: {SERVER_NAME}",
                  f"Date: {_http_date()}", f"Content-Type: {content_type}",
                  f"Content-Length: {len(body)}"]
@@ -406,9 +409,8 @@ class _Connection(asyncio.Protocol):
             self.closing = True
             self.transport.close()  # after the answer is written
 
-    def _send_json(self, req: _Request, status: int, value: Any) -> None:
-        self._send(status, json.dumps(value).encode(), "application/json",
-                   keep_alive=req.keep_alive)
+    def _send_json(self, status: int, value: Any) -> None:
+        self._send(status, json.dumps(value).encode(), "application/json")
 
     def _reset(self) -> None:
         """Hang up with a TCP RST and no answer (SO_LINGER 0, then abort)."""
@@ -425,7 +427,8 @@ class _Connection(asyncio.Protocol):
         server = self.server
         request_id, received_at = server.recorder.next_request()
         decision = server.injector.decide(len(raw) if method == "POST" else 0)
-        items, events, problem, body = self._decode(req, method, raw, decision)
+        items, events, problem, body = self._decode(method, raw, decision,
+                                                    req.headers.get("content-encoding"))
         summary = {"request_id": request_id, "method": method, "bytes": len(raw),
                    "received_at": received_at, "fault": decision.reason,
                    "events": None if events is None else len(events),
@@ -437,9 +440,9 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
             asyncio.get_running_loop().call_later(
                 decision.delay_s, self._answer_later,
-                req, method, raw, decision, items, events, problem, body, summary)
+                method, raw, decision, items, events, problem, body, summary)
             return
-        self._answer(req, method, raw, decision, items, events, problem, body, summary)
+        self._answer(method, raw, decision, items, events, problem, body, summary)
 
     def _answer_later(self, *args: Any) -> None:
         self.waiting = False
@@ -450,12 +453,12 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
             self._serve()
 
-    def _answer(self, req: _Request, method: str, raw: bytes, decision: Decision,
+    def _answer(self, method: str, raw: bytes, decision: Decision,
                 items: Optional[Validator], events: Optional[List[Any]], problem: str,
                 body: bytes, summary: Dict[str, Any]) -> None:
         """Record the request and answer it."""
         if decision.action != "record":
-            self._answer_fault(req, decision, summary)
+            self._answer_fault(decision, summary)
             return
         try:
             status = self._record(method, items, events, problem, raw, body, summary)
@@ -463,15 +466,14 @@ class _Connection(asyncio.Protocol):
             log.exception("request %d could not be processed", summary["request_id"])
             summary.update(status=500, fault="internal_error")
             self.server.recorder.log_request(summary)
-            self._send(500, b"internal error\n", "text/plain", keep_alive=req.keep_alive)
+            self._send(500, b"internal error\n", "text/plain")
             return
         if method == "GET":
-            self._send(status, PIXEL, "image/gif", keep_alive=req.keep_alive)
+            self._send(status, PIXEL, "image/gif")
         else:
-            self._send(status, b"ok" if status == 200 else problem.encode(), "text/plain",
-                       keep_alive=req.keep_alive)
+            self._send(status, b"ok" if status == 200 else problem.encode(), "text/plain")
 
-    def _answer_fault(self, req: _Request, decision: Decision, summary: Dict[str, Any]) -> None:
+    def _answer_fault(self, decision: Decision, summary: Dict[str, Any]) -> None:
         summary["status"] = None if decision.action == "reset" else decision.status
         self.server.recorder.log_request(summary)
         if decision.action == "reset":
@@ -479,9 +481,9 @@ class _Connection(asyncio.Protocol):
             return
         headers = {"Retry-After": decision.retry_after} if decision.retry_after else None
         self._send(decision.status, f"fault: {decision.reason}\n".encode(), "text/plain",
-                   headers, keep_alive=req.keep_alive)
+                   headers)
 
-    def _decode(self, req: _Request, method: str, raw: bytes, decision: Decision
+    def _decode(self, method: str, raw: bytes, decision: Decision, encoding: Optional[str]
                 ) -> Tuple[Optional[Validator], Optional[List[Any]], str, bytes]:
         """``(event validator, events, problem, body)``; events ``None`` when there are
         none to check, and ``problem`` says why; ``body`` is the POST body gunzipped. Decoded before the fault decision is acted
@@ -491,7 +493,7 @@ class _Connection(asyncio.Protocol):
         if method == "GET":
             return None, [dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True))], "", raw
         try:
-            body = _gunzip(raw) if _is_gzip(req.headers.get("content-encoding")) else raw
+            body = _gunzip(raw) if _is_gzip(encoding) else raw
             items, events = self.server.checker.envelope(json.loads(body))
         except EnvelopeError as exc:
             return None, None, str(exc), raw
@@ -535,32 +537,31 @@ class _Connection(asyncio.Protocol):
 
     # -- reporting API --
 
-    def _report(self, req: _Request, name: str, query: Dict[str, List[str]], body: Optional[bytes]) -> None:
+    def _report(self, name: str, query: Dict[str, List[str]], body: Optional[bytes]) -> None:
         recorder = self.server.recorder
         try:
             if name == "reset":
                 recorder.reset()
-                self._send_json(req, 200, {"reset": True})
+                self._send_json(200, {"reset": True})
             elif name == "faults":
-                self._send_json(req, 200, self._faults(query, body).to_json())
+                self._send_json(200, self._faults(query, body).to_json())
             elif body is not None:
-                self._send(405, b"use GET\n", "text/plain", {"Allow": "GET"},
-                           keep_alive=req.keep_alive)
+                self._send(405, b"use GET\n", "text/plain", {"Allow": "GET"})
             elif name == "all":
-                self._send_json(req, 200, recorder.counts())
+                self._send_json(200, recorder.counts())
             elif name == "good":
-                self._send_json(req, 200, recorder.good(_limit(query), _one(query, "eid"),
+                self._send_json(200, recorder.good(_limit(query), _one(query, "eid"),
                                                    _one(query, "e")))
             elif name == "bad":
-                self._send_json(req, 200, recorder.bad(_limit(query)))
+                self._send_json(200, recorder.bad(_limit(query)))
             elif name == "eids":
-                self._send_json(req, 200, {"eids": recorder.eids()})
+                self._send_json(200, {"eids": recorder.eids()})
             elif name == "requests":
-                self._send_json(req, 200, recorder.requests(_limit(query)))
+                self._send_json(200, recorder.requests(_limit(query)))
             else:
-                self._send(404, b"not found\n", "text/plain", keep_alive=req.keep_alive)
+                self._send(404, b"not found\n", "text/plain")
         except ValidationError as exc:
-            self._send_json(req, 400, {"error": str(exc)})
+            self._send_json(400, {"error": str(exc)})
 
     def _faults(self, query: Dict[str, List[str]], body: Optional[bytes]) -> Faults:
         """GET: the current faults; POST: change them (merge, or replace with ?replace=1)."""
